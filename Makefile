@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine with only python3: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/rlhflab: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+.PHONY: setup demo test lint
+setup: $(BIN)/rlhflab
+
+demo: setup
+	$(BIN)/rlhflab demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -n 2 -q
+
+lint: setup
+	$(BIN)/ruff check .

@@ -1,0 +1,20 @@
+"""Errors a user can fix. The CLI prints them without a traceback and exits with code 2."""
+
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """Bad input: names the file, the line (or row) and the field where it is known."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None):
+        self.file, self.line, self.field = file, line, field
+        where = ", ".join(
+            part
+            for part in (
+                f"file {file}" if file else "",
+                f"line {line}" if line is not None else "",
+                f"field '{field}'" if field else "",
+            )
+            if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)

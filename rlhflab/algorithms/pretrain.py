@@ -1,0 +1,44 @@
+"""Pretraining a tiny model from scratch on a task corpus (the embedded default's base model).
+
+    corpus ─► BPE tokenizer (≤ 512 tokens) ─► Llama from a size preset ─► next-token loss on every
+    document token (the SFT recipe with a BOS-only prompt), cosine schedule
+
+A constant learning rate got stuck at 60–73% well-formed reviews in a prototype; cosine decay
+reaches ~90% in about the same time, hence the schedule default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhflab.algorithms.sft import SFTConfig, run_sft
+from rlhflab.data.collate import tokenize_prompt_completion
+from rlhflab.models.loading import build_model
+from rlhflab.models.tokenizer import train_tokenizer
+
+
+@dataclass
+class PretrainConfig(SFTConfig):
+    preset: str = "small"  # model size: tiny (≈1M parameters) | small (≈3M)
+    vocab_size: int = 512  # BPE vocabulary budget; a tiny model can't afford a large output layer
+    num_documents: int = 40000  # built-in tasks: corpus size
+    lr: float = 3e-3
+    max_steps: int = 600
+    batch_size: int = 32
+    warmup_ratio: float = 0.03
+    max_completion_tokens: int = 96  # documents longer than this are cut
+
+
+def run_pretrain(cfg: PretrainConfig, documents: list[str]) -> Path:
+    """Train a tokenizer and a fresh model on `documents`; returns the saved model folder."""
+    torch.manual_seed(cfg.seed)
+    tokenizer = train_tokenizer(documents, cfg.vocab_size)
+    model = build_model(cfg.preset, tokenizer, max_positions=256)
+    examples = [
+        tokenize_prompt_completion(tokenizer, "", doc, cfg.max_prompt_tokens, cfg.max_completion_tokens)
+        for doc in documents
+    ]
+    return run_sft(cfg, model, tokenizer, examples)

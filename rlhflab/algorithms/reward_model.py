@@ -1,0 +1,110 @@
+"""Bradley-Terry reward model: P(chosen ≻ rejected) = σ(r(x, y_c) − r(x, y_r)).
+
+    pairs ─► one padded batch [chosen rows; rejected rows] ─► scalar at each row's last token (EOS)
+          ─► loss = −log σ(r_c − r_r), summed ÷ pairs of the step
+
+The model is the policy's backbone with a scalar head (`AutoModelForSequenceClassification`),
+so it shares the tokenizer and loads straight back into transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhflab.config import RunConfig
+from rlhflab.core.losses import bradley_terry_loss
+from rlhflab.data.collate import TokenizedExample, collate_preference_pairs
+from rlhflab.models.loading import last_token_scores, token_scores
+from rlhflab.training.data_order import EpochSampler, split_micro_batches
+from rlhflab.training.loop import StepPlan, save_final_model, start_run, train
+
+Pair = tuple[TokenizedExample, TokenizedExample]  # (chosen, rejected), same prompt
+
+
+@dataclass
+class RewardModelConfig(RunConfig):
+    lr: float = 5e-4
+    max_steps: int = 150
+    batch_size: int = 32  # pairs per step
+    max_prompt_tokens: int = 64
+    max_completion_tokens: int = 64
+    eval_fraction: float = 0.1  # held-out share of the pairs, for pairwise accuracy
+
+
+@torch.no_grad()
+def score_pairs(model: torch.nn.Module, pairs: list[Pair], pad_token_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Reward margins r_c − r_r of each pair: [N]."""
+    model.eval()
+    margins = []
+    for start in range(0, len(pairs), batch_size):
+        chosen, rejected = _pair_scores(model, collate_preference_pairs(pairs[start : start + batch_size], pad_token_id))
+        margins.append(chosen - rejected)
+    return torch.cat(margins) if margins else torch.zeros(0)
+
+
+def _pair_scores(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = token_scores(model, batch["input_ids"], batch["attention_mask"])  # [2B, T]
+    last = last_token_scores(scores, batch["attention_mask"])  # [2B]: the score at each row's EOS
+    n = batch["num_pairs"]
+    return last[:n], last[n:]
+
+
+class RewardModelRecipe:
+    def __init__(self, model: torch.nn.Module, pairs: list[Pair], cfg: RewardModelConfig, pad_token_id: int):
+        self.model = model
+        self.pairs = pairs
+        self.cfg = cfg
+        self.pad_token_id = pad_token_id
+        self.sampler = EpochSampler(len(pairs), cfg.seed)
+        self.updates_per_step = 1
+
+    def plan_step(self, step: int) -> StepPlan:
+        indices = self.sampler.take(self.cfg.batch_size)
+        micro_batches = []
+        for chunk in split_micro_batches(indices, self.cfg.grad_accum):
+            batch = collate_preference_pairs([self.pairs[i] for i in chunk], self.pad_token_id)
+            batch["num_items"] = batch["num_pairs"]
+            micro_batches.append(batch)
+        return StepPlan([micro_batches])
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, rejected = _pair_scores(self.model, batch)
+        losses = bradley_terry_loss(chosen, rejected)  # [B]
+        with torch.no_grad():
+            both = torch.cat([chosen, rejected])
+            metrics = {
+                "accuracy": (chosen > rejected).float().mean().item(),
+                "margin": (chosen - rejected).mean().item(),
+                "rewards/chosen": chosen.mean().item(),
+                "rewards/rejected": rejected.mean().item(),
+                "reward_mean": both.mean().item(),
+                "reward_std": both.std().item() if both.numel() > 1 else 0.0,
+            }
+        return losses.sum(), metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+def run_reward_model(cfg: RewardModelConfig, model: torch.nn.Module, tokenizer: Any, pairs: list[Pair]):
+    """Train on all but `eval_fraction` of the pairs; write held-out accuracy to eval.json; save the model."""
+    out = start_run(cfg)
+    n_eval = max(1, int(len(pairs) * cfg.eval_fraction)) if len(pairs) > 1 else 0
+    train_pairs, eval_pairs = pairs[n_eval:], pairs[:n_eval]
+    train(cfg, RewardModelRecipe(model, train_pairs, cfg, tokenizer.pad_token_id))
+    margins = score_pairs(model, eval_pairs, tokenizer.pad_token_id)
+    result = {
+        "eval/accuracy": (margins > 0).float().mean().item() if len(margins) else float("nan"),
+        "eval/margin": margins.mean().item() if len(margins) else float("nan"),
+        "eval/num_pairs": len(eval_pairs),
+    }
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    model.config.architectures = [type(model).__name__]
+    return save_final_model(model, tokenizer, out), result

@@ -1,0 +1,124 @@
+"""Every model is a `transformers` model: causal LMs for policies, a scalar head for reward and value.
+
+The embedded default is a tiny Llama built from a config. Weights load only from safetensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhflab.errors import InputError
+
+# hidden, layers, heads, MLP width. tiny ≈ 1M parameters (tests); small ≈ 3M (the demo).
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 384},
+    "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 640},
+}
+
+
+def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, max_positions: int = 256) -> LlamaForCausalLM:
+    """A freshly initialised Llama of the given size preset, with the tokenizer's special ids."""
+    if preset not in PRESETS:
+        raise InputError(f"unknown model preset '{preset}' (valid: {', '.join(PRESETS)})", field="preset")
+    dims = PRESETS[preset]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        num_key_value_heads=dims["num_attention_heads"],
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
+        **dims,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _check_source(path: str) -> None:
+    local = Path(path)
+    if local.exists():
+        if not local.is_dir():
+            raise InputError("a model must be a save_pretrained folder", file=path)
+        if not any(local.glob("*.safetensors")):
+            raise InputError(
+                "no .safetensors weights in this folder; rlhflab loads weights only from safetensors "
+                "(pickle-based .bin files can run code when loaded)",
+                file=path,
+            )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise InputError(f"cannot load a tokenizer: {exc}", file=path) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # pad == eos: masks never count padding, see data.collate
+    return tokenizer
+
+
+def load_causal_lm(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    _check_source(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load a causal LM: {exc}", file=path) from None
+
+
+def load_scalar_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A model with one scalar output per token (reward or value model): `AutoModelForSequenceClassification`.
+
+    From a causal-LM folder the backbone is loaded and the scalar head (`score`) starts at zero,
+    so a fresh reward/value model outputs 0 everywhere.
+    """
+    _check_source(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load a reward/value model: {exc}", file=path) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if not _is_scalar_folder(path):
+        torch.nn.init.zeros_(model.score.weight)
+    return model
+
+
+def _is_scalar_folder(path: str) -> bool:
+    """True when the folder was saved from a sequence-classification model (its head is trained)."""
+    import json
+
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        return False
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
+def token_scores(scalar_model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Scalar output at every position: [B, T]. `attention_mask` may be 2D padding or a 4D additive mask."""
+    backbone = scalar_model.base_model
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return scalar_model.score(hidden).squeeze(-1)
+
+
+def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Score at the last real token of each right-padded row: [B, T] -> [B]."""
+    last = attention_mask.long().sum(dim=1) - 1
+    return scores.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1)

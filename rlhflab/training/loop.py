@@ -1,0 +1,325 @@
+"""The one training loop shared by every stage. It knows nothing about any algorithm.
+
+An algorithm hands it a `Recipe`:
+
+    plan = recipe.plan_step(step)         # what this step trains on: a list of optimizer updates,
+                                          # each a list of micro-batches, plus step-level metrics
+    numerator, metrics = recipe.loss(mb)  # one micro-batch's summed loss
+
+Each micro-batch carries `num_items` (tokens, pairs or sequences, known before the forward). The
+loop divides every micro-batch's loss by the total `num_items` of its update, so one update of
+B examples gives the same gradient whether it arrives as 1 micro-batch or as 8 (gradient
+accumulation normalised over the whole accumulated batch).
+
+    step ─► plan_step ─► for update: for mb: (loss(mb) / Σ num_items).backward()
+                                     clip ─► finite? ─► optimizer.step ─► scheduler.step
+         ─► metrics.jsonl / TensorBoard ─► monitors ─► checkpoint
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from rich.console import Console
+from transformers import get_scheduler
+
+from rlhflab.config import RunConfig
+from rlhflab.diagnostics.findings import Finding, FindingsLog, Monitor, NonFiniteMonitor
+from rlhflab.training.checkpoint import (
+    CheckpointWriteError,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from rlhflab.training.metrics import MetricsWriter
+
+console = Console(stderr=True)
+
+
+@dataclass
+class StepPlan:
+    updates: list[list[Any]]  # optimizer updates; each is a list of micro-batches with a `num_items` key
+    metrics: dict[str, float] = field(default_factory=dict)  # step-level metrics (e.g. rollout rewards)
+
+
+class Recipe(Protocol):
+    model: torch.nn.Module  # every trainable parameter (policy, or policy + value head)
+    updates_per_step: int  # optimizer updates in each StepPlan (for the LR schedule)
+
+    def plan_step(self, step: int) -> StepPlan: ...
+
+    def loss(self, micro_batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingStopped(Exception):
+    """The run stopped early (signal, non-finite values or an error finding); `exit_code` says how."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": _to_lists(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+
+
+def _to_lists(value: Any) -> Any:
+    return [_to_lists(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _to_tuples(value: Any) -> Any:
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT: finish the current step, write a checkpoint, exit non-zero."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        console.print("[yellow]stop requested: finishing this step and writing a checkpoint[/]")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(
+    cfg: RunConfig,
+    recipe: Recipe,
+    monitors: list[Monitor] | None = None,
+    on_first_step: Callable[[int], None] | None = None,
+) -> FindingsLog:
+    """Run `cfg.max_steps` steps of `recipe` into `cfg.out`; resumable; returns the findings."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = recipe.model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
+    total_updates = cfg.max_steps * recipe.updates_per_step
+    schedule = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule]
+    scheduler = get_scheduler(
+        schedule,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total_updates),
+        num_training_steps=total_updates,
+        scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio} if schedule == "cosine_with_min_lr" else None,
+    )
+    monitors = [NonFiniteMonitor(), *(monitors or [])]
+    findings = FindingsLog(out / "diagnostics.jsonl", console)
+
+    start_step = 0
+    if cfg.resume:
+        checkpoint = find_resume_checkpoint(out, cfg.resume, warn=lambda m: console.print(f"[yellow]{m}[/]"))
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint, model)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            recipe.load_state_dict(state["recipe"])
+            for monitor, monitor_state in zip(monitors, state["monitors"], strict=True):
+                monitor.load_state_dict(monitor_state)
+            _set_rng_state(state["rng"])
+            start_step = state["step"]
+            console.print(f"resuming from {checkpoint} at step {start_step}")
+    metrics_writer = MetricsWriter(out, keep_until_step=start_step if cfg.resume else None)
+    if not cfg.resume:
+        (out / "diagnostics.jsonl").write_text("")
+    else:
+        _truncate_findings(out / "diagnostics.jsonl", start_step)
+
+    def checkpoint_now(step: int) -> None:
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "recipe": recipe.state_dict(),
+            "monitors": [m.state_dict() for m in monitors],
+            "rng": _rng_state(),
+        }
+        try:
+            save_checkpoint(out, step, model, state, keep=cfg.keep_checkpoints)
+        except CheckpointWriteError as exc:
+            raise TrainingStopped(f"{exc}. The previous checkpoint is intact; free space and resume.", 1) from exc
+
+    consecutive_bad = 0
+    started = time.perf_counter()
+    progress = _progress(cfg, start_step)
+    with _StopSignal() as stop, progress:
+        task = progress.add_task(Path(cfg.out).name, total=cfg.max_steps, completed=start_step)
+        for step in range(start_step, cfg.max_steps):
+            model.train()
+            plan = recipe.plan_step(step)
+            metrics, applied = _run_updates(plan, recipe, optimizer, scheduler, trainable, cfg.max_grad_norm)
+            metrics = {**plan.metrics, **metrics, "lr": scheduler.get_last_lr()[0]}
+            if step == start_step and on_first_step is not None:
+                on_first_step(step)
+            new_findings = [f for m in monitors for f in m.observe(step, metrics)]
+            metrics_writer.write(step, metrics, time.perf_counter() - started)
+            findings.emit(new_findings)
+            progress.update(task, completed=step + 1, description=_describe(metrics))
+            if not applied:
+                consecutive_bad += 1
+                if cfg.on_nonfinite == "stop" or consecutive_bad > cfg.max_nonfinite_skips:
+                    metrics_writer.close()
+                    raise TrainingStopped(
+                        f"non-finite loss or gradients at step {step} (train.nonfinite); the last good "
+                        f"checkpoint is kept in {out / 'checkpoints'}",
+                        3,
+                    )
+            else:
+                consecutive_bad = 0
+            errors = [f for f in new_findings if f.severity == "error" and f.code != "train.nonfinite"]
+            if errors:
+                metrics_writer.close()
+                raise TrainingStopped(f"{errors[0].code}: {errors[0].message}", 3)
+            done = step + 1
+            if stop.received is not None:
+                checkpoint_now(done)
+                metrics_writer.close()
+                raise TrainingStopped(
+                    f"stopped by signal {stop.received} after step {done}; resume with the same command plus "
+                    f"--resume auto (out: {out})",
+                    130,
+                )
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                checkpoint_now(done)
+    checkpoint_now(cfg.max_steps)
+    metrics_writer.close()
+    return findings
+
+
+def _run_updates(plan: StepPlan, recipe: Recipe, optimizer, scheduler, trainable, max_grad_norm: float):
+    """Apply each update of the plan; return (metrics averaged by num_items, every update applied?)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    applied = True
+    loss_total, grad_norms = 0.0, []
+    for micro_batches in plan.updates:
+        total_items = float(sum(mb["num_items"] for mb in micro_batches))
+        update_loss = 0.0
+        for mb in micro_batches:
+            numerator, mb_metrics = recipe.loss(mb)
+            loss = numerator / total_items
+            loss.backward()
+            update_loss += loss.item()
+            for key, value in mb_metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * mb["num_items"]
+                weights[key] = weights.get(key, 0.0) + mb["num_items"]
+        if max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm).item()
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in trainable if p.grad is not None])
+            ).item()
+        if math.isfinite(update_loss) and math.isfinite(grad_norm):
+            optimizer.step()
+            scheduler.step()
+        else:
+            applied = False  # keep the weights and optimizer state of the last good update
+        optimizer.zero_grad(set_to_none=True)
+        loss_total += update_loss
+        grad_norms.append(grad_norm)
+    metrics = {k: sums[k] / weights[k] for k in sums}
+    metrics["loss"] = loss_total / len(plan.updates)
+    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return metrics, applied
+
+
+def _truncate_findings(path: Path, keep_until_step: int) -> None:
+    """On resume, drop findings a killed run wrote after its last checkpoint (they will be re-derived)."""
+    import json
+
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < keep_until_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _describe(metrics: dict[str, float]) -> str:
+    shown = {k: metrics[k] for k in ("loss", "rewards/accuracies", "reward", "objective/scores") if k in metrics}
+    return " ".join(f"{k}={v:.3f}" for k, v in shown.items())
+
+
+def _progress(cfg: RunConfig, start_step: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not cfg.progress,
+        transient=True,
+    )
+
+
+def emit_finding(out: Path, finding: Finding) -> None:
+    """Record a finding raised outside the loop (e.g. a set-up check) in the run's diagnostics.jsonl."""
+    FindingsLog(Path(out) / "diagnostics.jsonl", console).emit([finding])
+
+
+def start_run(cfg: RunConfig) -> Path:
+    """Create the run folder, write the resolved config, set threads and seeds."""
+    from rlhflab.config import save_config
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    return out
+
+
+def save_final_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> Path:
+    """The run's model as a transformers save_pretrained folder (safetensors) under OUT/model."""
+    target = Path(out) / "model"
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target

@@ -1,0 +1,57 @@
+"""Metric sinks: `metrics.jsonl` (one JSON object per logged step) and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _jsonable(value: float) -> Any:
+    # JSON has no NaN/inf; keep them readable rather than writing invalid JSON.
+    return value if math.isfinite(value) else str(value)
+
+
+class MetricsWriter:
+    """Appends `{"step", "time", **metrics}` lines; on resume drops lines a killed run wrote after its checkpoint."""
+
+    def __init__(self, out: Path, keep_until_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(out) / "metrics.jsonl"
+        if keep_until_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] < keep_until_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=keep_until_step)
+
+    def write(self, step: int, metrics: dict[str, float], elapsed: float) -> None:
+        row = {"step": step, "time": round(elapsed, 3), **{k: _jsonable(float(v)) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, float(value), step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

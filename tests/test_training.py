@@ -1,0 +1,201 @@
+"""The shared training loop: accumulation invariance, resume, checkpoints, non-finite steps, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhflab.config import RunConfig, load_config, parse_cli_overrides
+from rlhflab.errors import InputError
+from rlhflab.training.checkpoint import (
+    STATE_FILE,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from rlhflab.training.data_order import EpochSampler, split_micro_batches
+from rlhflab.training.loop import StepPlan, TrainingStopped, train
+from rlhflab.training.metrics import read_metrics
+
+
+class ToyRecipe:
+    """Least squares on fixed data: loss numerator = Σ (w·x − y)², num_items = examples."""
+
+    def __init__(self, cfg: RunConfig, nan_at_step: int | None = None, crash_at_step: int | None = None):
+        torch.manual_seed(0)
+        self.x = torch.randn(64, 4)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(64)
+        self.model = torch.nn.Linear(4, 1)
+        self.cfg = cfg
+        self.sampler = EpochSampler(64, cfg.seed)
+        self.updates_per_step = 1
+        self.nan_at_step = nan_at_step
+        self.crash_at_step = crash_at_step
+
+    def plan_step(self, step: int) -> StepPlan:
+        if step == self.crash_at_step:
+            raise RuntimeError("killed")
+        indices = self.sampler.take(self.cfg.batch_size)
+        mbs = [
+            {"x": self.x[c], "y": self.y[c], "num_items": len(c), "poison": step == self.nan_at_step}
+            for c in split_micro_batches(indices, self.cfg.grad_accum)
+        ]
+        return StepPlan([mbs], {"noise": float(torch.rand(()).item())})  # consumes the global RNG
+
+    def loss(self, mb):
+        err = self.model(mb["x"]).squeeze(-1) - mb["y"]
+        loss = (err**2).sum()
+        if mb["poison"]:
+            loss = loss * float("nan")
+        return loss, {"mse": (err**2).mean().item()}
+
+    def state_dict(self):
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state):
+        self.sampler.load_state_dict(state["sampler"])
+
+
+def _cfg(tmp_path: Path, **kw) -> RunConfig:
+    base = RunConfig(out=str(tmp_path / "run"), max_steps=12, batch_size=8, lr=0.05, progress=False, warmup_ratio=0.1)
+    return replace(base, **kw)
+
+
+def _without_time(rows):
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+
+def test_accumulation_matches_full_batch(tmp_path):
+    full = ToyRecipe(_cfg(tmp_path / "a"))
+    train(_cfg(tmp_path / "a"), full)
+    accumulated = ToyRecipe(_cfg(tmp_path / "b", grad_accum=2))
+    train(_cfg(tmp_path / "b", grad_accum=2), accumulated)
+    # uneven micro-batches (3, 3, 2): the normalisation is over the whole step, not per micro-batch
+    uneven = ToyRecipe(_cfg(tmp_path / "c", grad_accum=3))
+    train(_cfg(tmp_path / "c", grad_accum=3), uneven)
+    for other in (accumulated, uneven):
+        for p, q in zip(full.model.parameters(), other.model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_reproduces_metrics_exactly(tmp_path):
+    straight = _cfg(tmp_path / "straight")
+    train(straight, ToyRecipe(straight))
+    interrupted = _cfg(tmp_path / "resumed", checkpoint_every=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(interrupted, ToyRecipe(interrupted, crash_at_step=5))
+    # a killed run may have logged steps past its last checkpoint: they must be dropped on resume
+    resumed = _cfg(tmp_path / "resumed", checkpoint_every=2, resume="auto")
+    with open(Path(resumed.out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "time": 0, "loss": 123.0}) + "\n")
+    train(resumed, ToyRecipe(resumed))
+    a = _without_time(read_metrics(Path(straight.out)))
+    b = _without_time(read_metrics(Path(resumed.out)))
+    assert [r["step"] for r in b] == list(range(12))
+    assert a == b
+
+
+def test_nonfinite_step_is_not_applied_and_stops(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=6)
+    recipe = ToyRecipe(cfg, nan_at_step=3)
+    weights_before = {}
+
+    original = recipe.plan_step
+
+    def plan(step):
+        if step == 3:
+            weights_before.update({k: v.clone() for k, v in recipe.model.state_dict().items()})
+        return original(step)
+
+    recipe.plan_step = plan
+    with pytest.raises(TrainingStopped) as info:
+        train(cfg, recipe)
+    assert info.value.exit_code == 3
+    for key, value in recipe.model.state_dict().items():
+        torch.testing.assert_close(value, weights_before[key], rtol=0, atol=0)
+    codes = [json.loads(line)["code"] for line in (Path(cfg.out) / "diagnostics.jsonl").read_text().splitlines()]
+    assert codes == ["train.nonfinite"]
+
+
+def test_nonfinite_skip_continues(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=6, on_nonfinite="skip")
+    train(cfg, ToyRecipe(cfg, nan_at_step=2))
+    assert len(read_metrics(Path(cfg.out))) == 6
+
+
+def test_checkpoint_keeps_last_k_and_skips_corrupt(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step-000002", "step-000003"]
+    newest = list_checkpoints(tmp_path)[-1]
+    with open(newest / STATE_FILE, "ab") as f:
+        f.write(b"garbage")
+    warnings = []
+    chosen = find_resume_checkpoint(tmp_path, "auto", warn=warnings.append)
+    assert chosen.name == "step-000002"
+    assert "checksum" in warnings[0]
+
+
+def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    from rlhflab.training import checkpoint as ckpt
+
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path, 1, model, {"step": 1})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(ckpt.CheckpointWriteError, match="No space left"):
+        save_checkpoint(tmp_path, 2, model, {"step": 2})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/rlhflab-pwned",))
+
+
+def test_crafted_pickle_is_refused(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path, 1, model, {"step": 1})
+    with open(path / STATE_FILE, "wb") as f:
+        pickle.dump({"step": _Exploit()}, f)
+    with pytest.raises(InputError, match="refused"):
+        load_checkpoint(path, model)
+    assert not Path("/tmp/rlhflab-pwned").exists()
+
+
+@dataclass
+class _Cfg(RunConfig):
+    beta: float = 0.1
+    temperatures: list[float] | None = None
+
+
+def test_config_yaml_then_cli_overrides(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("beta: 0.3\nbatch_size: 4\n")
+    config_file, overrides = parse_cli_overrides(["--config", str(file), "--batch-size", "8", "--no-progress",
+                                                  "--temperatures=0.3,0.7"])
+    cfg = load_config(_Cfg, config_file, overrides)
+    assert (cfg.beta, cfg.batch_size, cfg.progress, cfg.temperatures) == (0.3, 8, False, [0.3, 0.7])
+
+
+def test_config_unknown_key_suggests(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("bta: 0.3\n")
+    with pytest.raises(InputError, match="Did you mean 'beta'") as info:
+        load_config(_Cfg, str(file))
+    assert str(file) in str(info.value)
+    with pytest.raises(InputError, match="expected int"):
+        load_config(_Cfg, None, {"batch_size": "many"})

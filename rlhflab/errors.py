@@ -4,15 +4,17 @@ from __future__ import annotations
 
 
 class InputError(Exception):
-    """Bad input: names the file, the line (or row) and the field where it is known."""
+    """Bad input: names the file, the line (text files, 1-based) or row (tables, 0-based) and the field."""
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None):
-        self.file, self.line, self.field = file, line, field
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, row: int | None = None,
+                 field: str | None = None):
+        self.file, self.line, self.row, self.field = file, line, row, field
         where = ", ".join(
             part
             for part in (
                 f"file {file}" if file else "",
                 f"line {line}" if line is not None else "",
+                f"row {row}" if row is not None else "",
                 f"field '{field}'" if field else "",
             )
             if part

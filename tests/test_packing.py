@@ -1,0 +1,203 @@
+"""Prefix-shared packing: packed log-probs equal separate unpadded forwards, for each allowed attention."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlhflab.core.packing import check_attention_implementation, pack_groups, packed_forward, to_padded
+
+EOS = 2
+
+# Different prompt and completion lengths; n = 1, n = 2 (DPO) and n = 4 (GRPO); one empty completion.
+GROUPS = [
+    ([5, 6, 7], [[8, 9, EOS], [10, EOS]]),
+    ([11, 12], [[13, 14, 15, EOS]]),
+    ([3, 4, 5, 6, 7, 8, 9], [[9], [10, 11], [12, 13, 14], [15, 16, 17, 18, EOS]]),
+    ([20], [[21, 22, 23, 24, 25, 26, EOS], [27, EOS]]),
+    ([30, 31, 32, 33], [[34, 35], []]),
+]
+
+
+def tiny_llama(attn_implementation: str, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    )
+    config._attn_implementation = attn_implementation
+    model = LlamaForCausalLM(config)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def separate_token_logps(model, groups, temperature=1.0) -> list[torch.Tensor]:
+    """Brute force: one unpadded forward per prompt+completion; logits at t predict token t+1."""
+    out = []
+    for prompt, completions in groups:
+        for completion in completions:
+            ids = torch.tensor([prompt + completion])
+            logps = torch.log_softmax(model(input_ids=ids).logits[0].float() / temperature, dim=-1)
+            steps = torch.arange(len(completion))
+            out.append(logps[len(prompt) - 1 + steps, torch.tensor(completion, dtype=torch.long)])
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_row_tokens", [1024, 20])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_packed_equals_separate_forwards(attn, max_row_tokens, temperature):
+    model = tiny_llama(attn)
+    packed = pack_groups(GROUPS, max_row_tokens=max_row_tokens, pad_token_id=0)
+    if max_row_tokens == 20:  # several rows, and several groups in some row
+        assert packed.input_ids.shape[0] >= 2
+        assert packed.input_ids.shape[0] < len(GROUPS)
+    with torch.no_grad():
+        out = packed_forward(model, packed, temperature=temperature, with_entropy=True)
+        expected = separate_token_logps(model, GROUPS, temperature)
+    padded, mask = to_padded(out.token_logps, packed)
+    for s, exp in enumerate(expected):
+        n = len(exp)
+        assert int(out.sequence_lengths[s]) == n
+        torch.testing.assert_close(padded[s, :n], exp, atol=1e-5, rtol=1e-5)
+        assert mask[s, :n].all() and not mask[s, n:].any()
+        torch.testing.assert_close(out.sequence_logps[s], exp.sum(), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out.token_entropy).all() and (out.token_entropy > 0).all()
+
+
+def test_entropy_matches_full_softmax():
+    model = tiny_llama("sdpa")
+    packed = pack_groups(GROUPS[:2])
+    with torch.no_grad():
+        out = packed_forward(model, packed, temperature=0.5, with_entropy=True)
+        prompt, completions = GROUPS[0]
+        ids = torch.tensor([prompt + completions[0]])
+        logps = torch.log_softmax(model(input_ids=ids).logits[0] / 0.5, dim=-1)
+    entropy = -(logps.exp() * logps).sum(-1)[len(prompt) - 1 : -1]
+    torch.testing.assert_close(out.token_entropy[: len(completions[0])], entropy, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gradients_match_separate_forwards(attn):
+    model = tiny_llama(attn)
+    packed = pack_groups(GROUPS, max_row_tokens=20)
+    weights = torch.linspace(-1.0, 1.0, packed.num_sequences)  # a loss that weighs sequences differently
+
+    model.zero_grad()
+    (weights * packed_forward(model, packed).sequence_logps).sum().backward()
+    packed_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    model.zero_grad()
+    separate = torch.stack([t.sum() for t in separate_token_logps(model, GROUPS)])
+    (weights * separate).sum().backward()
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    ]:
+        param = dict(model.named_parameters())[name]
+        assert packed_grads[name].abs().sum() > 0
+        torch.testing.assert_close(packed_grads[name], param.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_indices_by_hand():
+    #  row: [p0 p1 p2 | a0 a1 | b0 | q0 | c0 c1]   flat positions 0..8
+    packed = pack_groups([([1, 2, 3], [[4, 5], [6]]), ([7], [[8, 9]])])
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2]]
+    # a0 and b0 are both predicted by the last prompt token (2); c0 by q0 (6).
+    assert packed.logit_index.tolist() == [2, 3, 2, 6, 7]
+    assert packed.target_ids.tolist() == [4, 5, 6, 8, 9]
+    assert packed.sequence_index.tolist() == [0, 0, 1, 2, 2]
+    assert packed.token_position.tolist() == [0, 1, 0, 0, 1]
+    assert packed.completion_lengths.tolist() == [2, 1, 2]
+    assert packed.group_index.tolist() == [0, 0, 1]
+    allowed = (packed.attention_mask[0, 0] == 0).int()
+    assert allowed.tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 1, 0, 0, 0],  # b0 sees the prompt and itself, not a
+        [0, 0, 0, 0, 0, 0, 1, 0, 0],  # nothing across groups
+        [0, 0, 0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 1, 1, 1],
+    ]
+
+
+def test_padding_and_rows():
+    packed = pack_groups(
+        [([1, 2], [[3]]), ([4] * 5, [[5] * 6]), ([6], [[7]])], max_row_tokens=8, pad_token_id=63
+    )
+    # group 0 (3 tokens) and group 2 (2 tokens) share row 0; group 1 (11 > 8 tokens) gets its own row.
+    assert packed.input_ids.shape == (2, 11)
+    assert packed.input_ids[0].tolist() == [1, 2, 3, 6, 7] + [63] * 6
+    mask = packed.attention_mask[0, 0]
+    pad_rows = mask[5:]
+    assert ((pad_rows == 0).sum(-1) == 1).all()  # padding attends to itself only
+    assert (mask[:5, 5:] != 0).all()  # real tokens never see padding
+    assert packed.attention_mask.dtype == torch.float32
+    assert mask.min() == torch.finfo(torch.float32).min
+    assert packed.num_tokens == 3 + 11 + 2
+    assert packed.num_computed_tokens == 2 * 11
+    assert packed.num_naive_tokens == 3 * 11
+
+
+class ShiftModel(torch.nn.Module):
+    """Predicts token x + 1 after token x with near certainty: a log-prob near 0 only at the right position."""
+
+    def __init__(self, vocab_size: int = 64):
+        super().__init__()
+        self.config = SimpleNamespace(_attn_implementation="sdpa")
+        self.vocab_size = vocab_size
+        self.scale = torch.nn.Parameter(torch.tensor(50.0))
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache):
+        logits = torch.nn.functional.one_hot((input_ids + 1) % self.vocab_size, self.vocab_size).float()
+        return SimpleNamespace(logits=logits * self.scale)
+
+
+def test_first_completion_token_uses_last_prompt_position():
+    # Every completion continues its prompt by +1, so each token is predicted by its previous token.
+    groups = [([1, 2, 3], [[4, 5, 6], [4], [4, 5]]), ([10, 11], [[12, 13]]), ([20], [[21], [21, 22, 23]])]
+    packed = pack_groups(groups, max_row_tokens=9)
+    out = packed_forward(ShiftModel(), packed)
+    assert out.token_logps.max() <= 0
+    assert out.token_logps.min() > -1e-3, "a logit position is off by one"
+
+
+def test_unsupported_attention_raises():
+    model = tiny_llama("sdpa")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        check_attention_implementation(model)
+
+
+def test_invalid_groups():
+    with pytest.raises(ValueError, match="empty prompt"):
+        pack_groups([([], [[1]])])
+    with pytest.raises(ValueError, match="no completions"):
+        pack_groups([([1], [])])
+
+
+def test_to_device_keeps_counts():
+    packed = pack_groups(GROUPS).to("cpu")
+    assert packed.num_sequences == sum(len(c) for _, c in GROUPS)
+    assert packed.num_tokens == sum(len(p) + sum(map(len, c)) for p, c in GROUPS)
+
+
+def test_mask_follows_model_dtype():
+    model = tiny_llama("sdpa").to(torch.bfloat16)
+    packed = pack_groups(GROUPS, max_row_tokens=20)  # float32 mask, re-expressed in bfloat16
+    with torch.no_grad():
+        out = packed_forward(model, packed)
+        expected = torch.stack([t.sum() for t in separate_token_logps(model, GROUPS)])
+    assert torch.isfinite(out.sequence_logps).all()
+    torch.testing.assert_close(out.sequence_logps, expected, atol=0.1, rtol=0.02)

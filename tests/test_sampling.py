@@ -1,0 +1,272 @@
+"""KV-cache sampler: sampled log-probs equal a full forward, EOS handling, greedy parity, determinism."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlhflab.core.packing import pack_groups, packed_forward, to_padded
+from rlhflab.core.sampling import sample
+
+PAD = 0
+PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17], [20, 21, 22, 23, 24], [30]]
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def frequent_eos(model) -> int:
+    """A token the model emits often, used as EOS so that some rows stop early and some do not."""
+    out = sample(
+        model,
+        PROMPTS,
+        num_samples=3,
+        max_new_tokens=12,
+        eos_token_id=-1,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(1),
+    )
+    return int(torch.mode(out.completion_ids.flatten()).values)
+
+
+def full_forward_logps(model, prompt, completion, temperature):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0].float() / temperature, dim=-1)
+    steps = torch.arange(len(completion))
+    return logps[len(prompt) - 1 + steps, torch.tensor(completion, dtype=torch.long)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logps_equal_full_forward(model, frequent_eos, temperature):
+    out = sample(
+        model,
+        PROMPTS,
+        num_samples=3,
+        max_new_tokens=12,
+        temperature=temperature,
+        eos_token_id=frequent_eos,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    completions = out.completions()
+    assert out.truncated.any() and not out.truncated.all()  # the test covers both endings
+    for n, completion in enumerate(completions):
+        prompt = PROMPTS[int(out.prompt_index[n])]
+        expected = full_forward_logps(model, prompt, completion, temperature)
+        torch.testing.assert_close(out.logps[n, : len(completion)], expected, atol=1e-5, rtol=1e-5)
+
+    # The trainer-side packed forward reads the same numbers.
+    groups = [(PROMPTS[i], completions[3 * i : 3 * i + 3]) for i in range(len(PROMPTS))]
+    packed = pack_groups(groups, max_row_tokens=40)
+    with torch.no_grad():
+        packed_logps, mask = to_padded(packed_forward(model, packed, temperature).token_logps, packed)
+    width = packed_logps.shape[1]
+    torch.testing.assert_close(packed_logps, out.logps[:, :width], atol=1e-5, rtol=1e-5)
+    assert torch.equal(mask.long(), out.response_mask[:, :width])
+
+
+def test_stops_at_eos_and_truncates(model, frequent_eos):
+    max_new = 12
+    out = sample(
+        model,
+        PROMPTS,
+        num_samples=3,
+        max_new_tokens=max_new,
+        eos_token_id=frequent_eos,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for n in range(out.completion_ids.shape[0]):
+        ids, mask, logps = out.completion_ids[n], out.response_mask[n], out.logps[n]
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()  # contiguous from the start
+        assert (ids[length:] == PAD).all() and (logps[length:] == 0).all()
+        eos_positions = (ids[:length] == frequent_eos).nonzero().flatten().tolist()
+        if out.truncated[n]:
+            assert eos_positions == [] and length == max_new
+        else:
+            assert eos_positions == [length - 1]  # EOS included, and it is the first one
+
+
+def test_all_rows_done_stops_early(model):
+    greedy = sample(model, [PROMPTS[0]], max_new_tokens=4, temperature=0, eos_token_id=-1, pad_token_id=PAD)
+    first = int(greedy.completion_ids[0, 0])
+    out = sample(
+        model,
+        [PROMPTS[0]],
+        num_samples=2,
+        max_new_tokens=10,
+        temperature=0,
+        eos_token_id=first,
+        pad_token_id=PAD,
+    )
+    assert out.completion_ids.shape == (2, 1)
+    assert out.completions() == [[first], [first]]
+    assert not out.truncated.any()
+
+
+@pytest.mark.parametrize("prompts", [[PROMPTS[0]], [PROMPTS[1]], PROMPTS])
+def test_greedy_equals_generate(model, prompts):
+    eos = 63
+    out = sample(
+        model, prompts, num_samples=2, max_new_tokens=10, temperature=0, eos_token_id=eos, pad_token_id=PAD
+    )
+    completions = out.completions()
+    assert completions[0::2] == completions[1::2]  # greedy: both samples of a prompt agree
+    for i, prompt in enumerate(prompts):
+        generated = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt)),
+            do_sample=False,
+            max_new_tokens=10,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+        )
+        expected = generated[0, len(prompt) :].tolist()
+        if eos in expected:
+            expected = expected[: expected.index(eos) + 1]
+        assert completions[2 * i] == expected
+
+
+def test_top_k_one_equals_greedy(model):
+    greedy = sample(model, PROMPTS, max_new_tokens=8, temperature=0, eos_token_id=63, pad_token_id=PAD)
+    top1 = sample(
+        model,
+        PROMPTS,
+        max_new_tokens=8,
+        temperature=1.0,
+        top_k=1,
+        eos_token_id=63,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert torch.equal(greedy.completion_ids, top1.completion_ids)
+
+
+def test_seeded_generator_is_deterministic(model):
+    def run(seed):
+        return sample(
+            model,
+            PROMPTS,
+            num_samples=4,
+            max_new_tokens=8,
+            top_p=0.9,
+            eos_token_id=63,
+            pad_token_id=PAD,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logps, b.logps)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def first_token_probs(model, prompt, temperature):
+    with torch.no_grad():
+        return torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1] / temperature, dim=-1)
+
+
+def test_first_token_frequencies_match_softmax(model):
+    n, temperature = 6000, 0.5
+    out = sample(
+        model,
+        [PROMPTS[2]],
+        num_samples=n,
+        max_new_tokens=1,
+        temperature=temperature,
+        eos_token_id=63,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
+    probs = first_token_probs(model, PROMPTS[2], temperature)
+    counts = torch.bincount(out.completion_ids[:, 0], minlength=probs.numel()).float()
+    # Chi-square over bins with enough expected mass; 64 bins -> mean ~df, std ~sqrt(2 df).
+    expected = n * probs
+    keep = expected >= 5
+    chi2 = float((((counts - expected) ** 2) / expected)[keep].sum())
+    df = int(keep.sum()) - 1
+    assert chi2 < df + 6 * (2 * df) ** 0.5, (chi2, df)
+    assert (counts / n - probs).abs().max() < 0.03
+
+
+def test_top_k_and_top_p_restrict_support(model):
+    probs = first_token_probs(model, PROMPTS[0], 0.5)
+    top3 = set(torch.topk(probs, 3).indices.tolist())
+    out = sample(
+        model,
+        [PROMPTS[0]],
+        num_samples=500,
+        max_new_tokens=1,
+        temperature=0.5,
+        top_k=3,
+        eos_token_id=63,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert set(out.completion_ids[:, 0].tolist()) <= top3
+
+    sorted_probs, order = torch.sort(probs, descending=True)
+    nucleus_size = int(((sorted_probs.cumsum(0) - sorted_probs) < 0.6).sum())
+    nucleus = set(order[:nucleus_size].tolist())
+    out = sample(
+        model,
+        [PROMPTS[0]],
+        num_samples=500,
+        max_new_tokens=1,
+        temperature=0.5,
+        top_p=0.6,
+        eos_token_id=63,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert set(out.completion_ids[:, 0].tolist()) == nucleus
+    # logps describe the untruncated tempered distribution
+    torch.testing.assert_close(out.logps[:, 0], probs.log()[out.completion_ids[:, 0]], atol=1e-5, rtol=1e-5)
+
+
+def test_restores_training_mode():
+    model = tiny_llama().train()
+    sample(model, [PROMPTS[0]], max_new_tokens=2, eos_token_id=63, pad_token_id=PAD)
+    assert model.training
+
+
+def test_rejects_bad_arguments(model):
+    with pytest.raises(ValueError):
+        sample(model, [[]], eos_token_id=63, pad_token_id=PAD)
+    with pytest.raises(ValueError):
+        sample(model, PROMPTS, top_p=0.0, eos_token_id=63, pad_token_id=PAD)
+
+
+def test_pad_equal_to_eos(model, frequent_eos):
+    out = sample(
+        model,
+        PROMPTS,
+        num_samples=2,
+        max_new_tokens=12,
+        eos_token_id=frequent_eos,
+        pad_token_id=frequent_eos,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for n, completion in enumerate(out.completions()):
+        if out.truncated[n]:
+            assert frequent_eos not in completion and len(completion) == 12
+        else:
+            assert completion.index(frequent_eos) == len(completion) - 1  # EOS kept once, at the end

@@ -8,7 +8,7 @@ $(BIN)/rlhflab: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,parity]'
 	touch $@
 
 .PHONY: setup demo test lint

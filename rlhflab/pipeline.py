@@ -26,7 +26,8 @@ from rlhflab.algorithms.pretrain import PretrainConfig, run_pretrain
 from rlhflab.algorithms.reward_model import RewardModelConfig, run_reward_model
 from rlhflab.algorithms.sft import SFTConfig, run_sft
 from rlhflab.core.sampling import sample
-from rlhflab.data.collate import tokenize_prompt_completion
+from rlhflab.data.collate import tokenize_preference, tokenize_sft
+from rlhflab.data.loading import from_records, load_preferences
 from rlhflab.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
 from rlhflab.tasks import get_task
 
@@ -49,21 +50,21 @@ class TaskArtefacts:
 
     def pretrain_config(self) -> PretrainConfig:
         if self.size == "tiny":
-            return PretrainConfig(preset="tiny", max_steps=120, num_documents=6000, batch_size=32, seed=self.seed)
+            return PretrainConfig(preset="tiny", max_steps=60, num_documents=2000, batch_size=32, seed=self.seed)
         return PretrainConfig(preset="small", seed=self.seed)
 
     def sft_config(self) -> SFTConfig:
         if self.size == "tiny":
-            return SFTConfig(max_steps=40, num_examples=2000, seed=self.seed)
+            return SFTConfig(max_steps=20, num_examples=1000, seed=self.seed)
         return SFTConfig(seed=self.seed)
 
     def rm_config(self) -> RewardModelConfig:
         if self.size == "tiny":
-            return RewardModelConfig(max_steps=40, seed=self.seed)
+            return RewardModelConfig(max_steps=20, seed=self.seed)
         return RewardModelConfig(seed=self.seed)
 
     def num_pair_prompts(self) -> int:
-        return min(self.pair_prompts, 400) if self.size == "tiny" else self.pair_prompts
+        return min(self.pair_prompts, 200) if self.size == "tiny" else self.pair_prompts
 
 
 def _key(*parts: Any) -> str:
@@ -72,14 +73,22 @@ def _key(*parts: Any) -> str:
 
 
 def _build(target: Path, build) -> Path:
-    """Run `build(tmp_folder)` unless `target` exists; publish the folder atomically."""
-    if target.exists():
-        return target
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    os.replace(tmp, target)
+    """Run `build(tmp_folder)` unless `target` exists; publish the folder atomically.
+
+    A file lock makes concurrent builders of the same artefact (parallel tests, study arms) wait
+    for the first one instead of building it twice.
+    """
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.exists():
+            return target
+        tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        os.replace(tmp, target)
     return target
 
 
@@ -106,10 +115,8 @@ def sft_model(a: TaskArtefacts) -> Path:
     def build(tmp: Path) -> None:
         tokenizer = load_tokenizer(str(parent))
         model = load_causal_lm(str(parent))
-        examples = [
-            tokenize_prompt_completion(tokenizer, ex["prompt"], ex["completion"], cfg.max_prompt_tokens, cfg.max_completion_tokens)
-            for ex in task.sft_examples(cfg.num_examples, seed=a.seed + 1)
-        ]
+        records = from_records(task.sft_examples(cfg.num_examples, seed=a.seed + 1), "sft", source=f"task {a.task}")
+        examples = [tokenize_sft(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_completion_tokens) for ex in records]
         run_sft(_stage_config(cfg, tmp, a.progress), model, tokenizer, examples)
 
     return _build(a.root() / f"sft-{_key(parent.parent.name, cfg)}", build) / "model"
@@ -161,8 +168,6 @@ def preference_pairs(a: TaskArtefacts) -> Path:
 
 
 def reward_model(a: TaskArtefacts) -> Path:
-    from rlhflab.data.loading import load_preferences
-
     cfg = a.rm_config()
     parent = sft_model(a)
     pairs_file = preference_pairs(a)
@@ -171,10 +176,7 @@ def reward_model(a: TaskArtefacts) -> Path:
         tokenizer = load_tokenizer(str(parent))
         model = load_scalar_model(str(parent))
         pairs = [
-            (
-                tokenize_prompt_completion(tokenizer, ex.prompt, ex.chosen, cfg.max_prompt_tokens, cfg.max_completion_tokens),
-                tokenize_prompt_completion(tokenizer, ex.prompt, ex.rejected, cfg.max_prompt_tokens, cfg.max_completion_tokens),
-            )
+            tokenize_preference(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_completion_tokens)
             for ex in load_preferences(str(pairs_file))
         ]
         run_reward_model(_stage_config(cfg, tmp, a.progress), model, tokenizer, pairs)

@@ -14,7 +14,8 @@ from rich.table import Table
 from rlhflab.algorithms.pretrain import PretrainConfig, run_pretrain
 from rlhflab.algorithms.reward_model import RewardModelConfig, run_reward_model
 from rlhflab.algorithms.sft import SFTConfig, run_sft
-from rlhflab.data.collate import TruncationCounter, tokenize_prompt_completion
+from rlhflab.data.collate import TruncationCounter, tokenize_preference, tokenize_sft
+from rlhflab.data.loading import from_records, load_preferences, load_prompts, load_sft
 from rlhflab.errors import InputError
 from rlhflab.evaluation.suite import EvalConfig, format_table
 from rlhflab.evaluation.suite import evaluate as run_evaluation
@@ -39,12 +40,10 @@ def resolve_model(cfg: Any, default) -> str:
     return cfg.model or str(default(artefacts(cfg)))
 
 
-def _tokenize_all(tokenizer: Any, pairs: list[tuple[Any, Any]], cfg: Any) -> list:
+def _tokenize_all(tokenize, tokenizer: Any, examples: list, cfg: Any) -> list:
+    """Tokenize loaded examples with the stage's budgets; truncations are counted in one warning."""
     counter = TruncationCounter()
-    out = [
-        tokenize_prompt_completion(tokenizer, prompt, completion, cfg.max_prompt_tokens, cfg.max_completion_tokens, counter=counter)
-        for prompt, completion in pairs
-    ]
+    out = [tokenize(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_completion_tokens, counter=counter) for ex in examples]
     if counter.message():
         console.print(f"[yellow]warning:[/] {counter.message()}")
     return out
@@ -52,9 +51,9 @@ def _tokenize_all(tokenizer: Any, pairs: list[tuple[Any, Any]], cfg: Any) -> lis
 
 def pretrain(cfg: PretrainConfig) -> Path:
     if cfg.data:
-        from rlhflab.data.loading import load_sft
-
-        documents = [ex.completion for ex in load_sft(cfg.data) if isinstance(ex.completion, str)]
+        documents = [ex.completion for ex in load_sft(cfg.data) if ex.format == "language_modeling"]
+        if not documents:
+            raise InputError("pretraining needs documents in the `text` format", file=cfg.data, field="text")
     else:
         documents = get_task(artefacts(cfg).task).pretrain_corpus(cfg.num_documents, seed=cfg.seed)
     path = run_pretrain(cfg, documents)
@@ -66,28 +65,21 @@ def sft(cfg: SFTConfig) -> Path:
     model_path = resolve_model(cfg, base_model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     if cfg.data:
-        from rlhflab.data.loading import load_sft
-
-        pairs = [(ex.prompt, ex.completion) for ex in load_sft(cfg.data)]
+        loaded = load_sft(cfg.data)
     else:
-        pairs = [(ex["prompt"], ex["completion"]) for ex in get_task(cfg.task).sft_examples(cfg.num_examples, seed=cfg.seed)]
-    examples = _tokenize_all(tokenizer, pairs, cfg)
+        loaded = from_records(get_task(cfg.task).sft_examples(cfg.num_examples, seed=cfg.seed), "sft", source=f"task {cfg.task}")
+    examples = _tokenize_all(tokenize_sft, tokenizer, loaded, cfg)
     path = run_sft(cfg, load_causal_lm(model_path, cfg.trust_remote_code), tokenizer, examples)
     console.print(f"SFT model: {path}")
     return path
 
 
 def reward_model(cfg: RewardModelConfig) -> Path:
-    from rlhflab.data.loading import load_preferences
-
     model_path = resolve_model(cfg, sft_model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     data = cfg.data or str(preference_pairs(artefacts(cfg)))
-    examples = load_preferences(data)
-    chosen = _tokenize_all(tokenizer, [(ex.prompt, ex.chosen) for ex in examples], cfg)
-    rejected = _tokenize_all(tokenizer, [(ex.prompt, ex.rejected) for ex in examples], cfg)
-    path, result = run_reward_model(cfg, load_scalar_model(model_path, cfg.trust_remote_code), tokenizer,
-                                    list(zip(chosen, rejected, strict=True)))
+    pairs = _tokenize_all(tokenize_preference, tokenizer, load_preferences(data), cfg)
+    path, result = run_reward_model(cfg, load_scalar_model(model_path, cfg.trust_remote_code), tokenizer, pairs)
     console.print(f"reward model: {path} (held-out pairwise accuracy {result['eval/accuracy']:.3f})")
     return path
 
@@ -120,8 +112,6 @@ def evaluate(cfg: EvalStageConfig) -> dict[str, Any]:
     reference_path = cfg.reference or (str(sft_model(artefacts(cfg))) if task else None)
     rm_path = cfg.reward_model or (str(task_reward_model(artefacts(cfg))) if task else None)
     if cfg.data:
-        from rlhflab.data.loading import load_prompts
-
         prompts = [ex.prompt for ex in load_prompts(cfg.data)]
     elif task:
         prompts = task.eval_prompts()
@@ -193,3 +183,76 @@ def demo(cfg: DemoConfig) -> None:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     Console().print(summary)
+
+
+def _rl_inputs(cfg: Any) -> tuple[Any, dict[str, Any]]:
+    """PPO/GRPO inputs: (cfg with the task's completion budget, {policy_path, tokenizer, prompts, reward_fn,
+    reward_model, gold_fn}). The reward is --reward-fn, else --reward-model, else the task's reward model."""
+    from dataclasses import replace
+
+    from rlhflab.rewards import load_reward_fn
+
+    task = get_task(cfg.task) if cfg.task else None
+    policy_path = resolve_model(cfg, sft_model)
+    if cfg.data:
+        prompts = [ex.prompt for ex in load_prompts(cfg.data)]
+    elif task:
+        prompts = task.train_prompts(cfg.num_prompts, seed=cfg.seed)
+    else:
+        raise InputError("give --data (a prompt-only file) or --task", field="data")
+    reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+    rm_path = None if reward_fn else cfg.reward_model or (str(task_reward_model(artefacts(cfg))) if task else None)
+    if reward_fn is None and rm_path is None:
+        raise InputError("give --reward-fn FILE.py:NAME, --reward-model DIR or --task", field="reward_fn")
+    if cfg.max_new_tokens is None:
+        cfg = replace(cfg, max_new_tokens=task.max_new_tokens if task else 32)
+    return cfg, {
+        "policy_path": policy_path, "tokenizer": load_tokenizer(policy_path, cfg.trust_remote_code), "prompts": prompts,
+        "reward_fn": reward_fn, "reward_model": load_scalar_model(rm_path) if rm_path else None,
+        "rm_path": rm_path, "gold_fn": task.gold_reward if task else None,
+    }  # fmt: skip
+
+
+def grpo(cfg: Any) -> Path:
+    from rlhflab.algorithms.grpo import run_grpo
+
+    cfg, a = _rl_inputs(cfg)
+    reference = load_causal_lm(a["policy_path"], cfg.trust_remote_code) if cfg.beta > 0 else None
+    path = run_grpo(cfg, load_causal_lm(a["policy_path"], cfg.trust_remote_code), a["tokenizer"], a["prompts"],
+                    reward_fn=a["reward_fn"], reward_model=a["reward_model"], reference=reference, gold_fn=a["gold_fn"])
+    console.print(f"GRPO policy: {path}")
+    return path
+
+
+def ppo(cfg: Any) -> Path:
+    from rlhflab.algorithms.ppo import run_ppo
+
+    cfg, a = _rl_inputs(cfg)
+    if cfg.value_init not in ("reward_model", "policy"):
+        raise InputError("value_init must be reward_model or policy", field="value_init")
+    value_from = a["rm_path"] if cfg.value_init == "reward_model" and a["rm_path"] else a["policy_path"]
+    path = run_ppo(cfg, load_causal_lm(a["policy_path"], cfg.trust_remote_code), load_scalar_model(value_from),
+                   load_causal_lm(a["policy_path"], cfg.trust_remote_code), a["tokenizer"], a["prompts"],
+                   reward_fn=a["reward_fn"], reward_model=a["reward_model"], gold_fn=a["gold_fn"])
+    console.print(f"PPO policy: {path}")
+    return path
+
+
+def dpo(cfg: Any) -> Path:
+    """DPO from the SFT model (--model, else the task's) on --data, else the task's cached preference pairs."""
+    from rlhflab.algorithms.dpo import run_dpo
+
+    model_path = resolve_model(cfg, sft_model)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    data = cfg.data or str(preference_pairs(artefacts(cfg)))
+    pairs = _tokenize_all(tokenize_preference, tokenizer, load_preferences(data), cfg)
+
+    def load_reference() -> Any:  # the reference is the starting policy, loaded only while needed
+        return load_causal_lm(model_path, cfg.trust_remote_code)
+
+    task = get_task(cfg.task) if cfg.task else None
+    path, results = run_dpo(cfg, load_reference(), tokenizer, pairs, load_reference, task)
+    if "eval/rewards/accuracies" in results:
+        console.print(f"held-out implicit-reward accuracy {results['eval/rewards/accuracies']:.3f}")
+    console.print(f"DPO policy: {path}")
+    return path

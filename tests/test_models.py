@@ -1,0 +1,47 @@
+"""Tokenizer and model presets of the embedded default."""
+
+import pytest
+
+from rlhflab.errors import InputError
+from rlhflab.models.loading import PRESETS, build_model, load_causal_lm, load_scalar_model, token_scores
+from rlhflab.models.tokenizer import train_tokenizer
+from rlhflab.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return get_task("reviews").pretrain_corpus(600, seed=0) + get_task("arithmetic").pretrain_corpus(600, seed=0)
+
+
+def test_prompt_plus_completion_ids_are_additive(corpus):
+    tokenizer = train_tokenizer(corpus, vocab_size=512)
+    assert len(tokenizer) <= 512
+    for name in ("reviews", "arithmetic"):
+        for ex in get_task(name).sft_examples(200, seed=1):
+            whole = tokenizer(ex["prompt"] + ex["completion"], add_special_tokens=False)["input_ids"]
+            parts = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
+            parts += tokenizer(ex["completion"], add_special_tokens=False)["input_ids"]
+            assert whole == parts, ex
+            assert tokenizer.decode(parts) == ex["prompt"] + ex["completion"]
+    assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
+
+
+def test_presets_sizes_and_round_trip(corpus, tmp_path):
+    tokenizer = train_tokenizer(corpus, vocab_size=256)
+    sizes = {name: sum(p.numel() for p in build_model(name, tokenizer).parameters()) for name in PRESETS}
+    assert 0.7e6 < sizes["tiny"] < 1.3e6 and 2.5e6 < sizes["small"] < 3.8e6
+    model = build_model("tiny", tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = load_causal_lm(str(tmp_path))
+    ids = tokenizer("the plot was great", return_tensors="pt")["input_ids"]
+    assert (reloaded(ids).logits - model(ids).logits).abs().max() < 1e-6
+    scalar = load_scalar_model(str(tmp_path))
+    assert token_scores(scalar, ids, ids.new_ones(ids.shape)).abs().max() == 0  # fresh head starts at 0
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not safetensors")
+    with pytest.raises(InputError, match="safetensors"):
+        load_causal_lm(str(tmp_path))

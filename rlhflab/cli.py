@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rlhflab.errors import InputError
 
@@ -41,10 +42,10 @@ def _run(ctx: typer.Context, config_cls: Callable[[], type], stage: Callable[[An
         cfg = load_config(config_cls(), config_file, overrides)
         stage(cfg)
     except InputError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except TrainingStopped as exc:
-        console.print(f"[bold red]stopped:[/] {exc}")
+        console.print(f"[bold red]stopped:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 
@@ -72,6 +73,9 @@ _command("sft", "rlhflab.stages.SFTConfig", "rlhflab.stages.sft", "supervised fi
 _command("rm", "rlhflab.stages.RewardModelConfig", "rlhflab.stages.reward_model", "Bradley-Terry reward model on preference pairs")
 _command("eval", "rlhflab.stages.EvalStageConfig", "rlhflab.stages.evaluate", "the shared evaluation suite on a model")
 _command("demo", "rlhflab.stages.DemoConfig", "rlhflab.stages.demo", "the default study on the reviews task, end to end")
+_command("ppo", "rlhflab.algorithms.ppo.PPOConfig", "rlhflab.stages.ppo", "PPO with a value model and a KL-penalised reward")
+_command("dpo", "rlhflab.algorithms.dpo.DPOConfig", "rlhflab.stages.dpo", "DPO on preference pairs (packed pairs, cached reference)")
+_command("grpo", "rlhflab.algorithms.grpo.GRPOConfig", "rlhflab.stages.grpo", "GRPO: group-relative advantages, k samples per prompt")
 
 
 def main() -> None:

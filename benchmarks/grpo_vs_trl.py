@@ -1,0 +1,174 @@
+"""GRPO steps/s of rlhflab vs TRL's GRPOTrainer (no vLLM) on the same model folder, prompts and reward.
+
+Setup (issue 4): a ≈4.5M-parameter Llama (hidden 256, 4 layers, MLP 1024, vocab 512, random init, so
+nearly every completion runs to the limit), one prompt of ≈21 tokens × 8 completions per step, 32 new
+tokens, beta 0.04 (so both sides run a reference forward), token_mean loss (TRL's default "dapo"), the
+reviews gold reward as the reward function, one torch thread. Each side runs in its own process
+(peak RSS = that process's ru_maxrss); steps/s excludes the first `--warmup` steps.
+
+    pip install trl --no-deps   (plus its missing dependencies with --no-deps; torch stays as it is)
+    .venv/bin/python benchmarks/grpo_vs_trl.py [--steps 12] [--warmup 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+GROUP, NEW_TOKENS, BETA, LR = 8, 32, 0.04, 1e-5
+
+
+def build_model_folder(folder: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhflab.models.tokenizer import train_tokenizer
+    from rlhflab.tasks import get_task
+
+    tokenizer = train_tokenizer(get_task("reviews").pretrain_corpus(3000, seed=0), vocab_size=512)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=1024, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def prompts(n: int) -> list[str]:
+    """Review openings lengthened with a full review in front: ≈21 tokens each."""
+    from rlhflab.tasks import get_task
+
+    task = get_task("reviews")
+    return [f"{doc} {p}" for doc, p in zip(task.pretrain_corpus(n, seed=1), task.train_prompts(n, seed=2), strict=True)]
+
+
+def reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    from rlhflab.tasks import reviews_reward
+
+    return reviews_reward(prompts, completions)
+
+
+def run_ours(folder: Path, steps: int, warmup: int) -> dict:
+    from rlhflab.algorithms.grpo import GRPOConfig, run_grpo
+    from rlhflab.models.loading import load_causal_lm, load_tokenizer
+    from rlhflab.training.metrics import read_metrics
+
+    out = Path(tempfile.mkdtemp())
+    cfg = GRPOConfig(out=str(out), max_steps=steps, batch_size=1, group_size=GROUP, max_new_tokens=NEW_TOKENS, beta=BETA,
+                     lr=LR, loss_agg="token_mean", threads=1, progress=False, max_prompt_tokens=256)
+    run_grpo(cfg, load_causal_lm(str(folder)), load_tokenizer(str(folder)), prompts(steps), reward_fn=reward,
+             reference=load_causal_lm(str(folder)))
+    rows = read_metrics(out)
+    elapsed = rows[-1]["time"] - rows[warmup - 1]["time"]
+    tokens = sum(r["num_tokens"] for r in rows[warmup:])
+    return {"steps_per_s": (steps - warmup) / elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def run_trl(folder: Path, steps: int, warmup: int) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    stamps, lengths = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=GROUP, num_generations=GROUP,
+                     max_completion_length=NEW_TOKENS, beta=BETA, learning_rate=LR, use_cpu=True, max_steps=steps,
+                     logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, bf16=False,
+                     temperature=1.0, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=Dataset.from_dict({"prompt": prompts(64)}),
+                          processing_class=AutoTokenizer.from_pretrained(str(folder)), callbacks=[Clock()])
+    trainer.train()
+    elapsed = stamps[-1] - stamps[warmup - 1]
+    tokens = sum(lengths[warmup:]) * GROUP
+    return {"steps_per_s": (steps - warmup) / elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def run_sampler(folder: Path, repeats: int = 3) -> dict:
+    """Completion tokens/s of `core.sampling.sample` vs `model.generate(do_sample=True)`, one prompt × 8, 32 tokens."""
+    from rlhflab.core.sampling import sample
+    from rlhflab.models.loading import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(str(folder)).eval(), load_tokenizer(str(folder))
+    ids = [tokenizer.bos_token_id, *tokenizer(prompts(1)[0], add_special_tokens=False)["input_ids"]]
+    never = len(tokenizer) + 1  # an EOS the model never emits: both sides generate every token
+
+    def ours() -> int:
+        s = sample(model, [ids], GROUP, NEW_TOKENS, 1.0, eos_token_id=never, pad_token_id=tokenizer.pad_token_id)
+        return int(s.response_mask.sum())
+
+    def generate() -> int:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids] * GROUP), attention_mask=torch.ones(GROUP, len(ids), dtype=torch.long),
+                                 do_sample=True, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=never, top_k=0)
+        return (out.shape[1] - len(ids)) * GROUP
+
+    best = {}
+    for name, fn in (("sample", ours), ("generate", generate)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tokens = fn()
+            times.append(time.perf_counter() - start)
+        best[f"{name}_tokens_per_s"] = tokens / min(times)
+    return best
+
+
+def side(name: str, folder: Path, steps: int, warmup: int) -> None:
+    torch.set_num_threads(1)
+    result = {"ours": run_ours, "trl": run_trl}[name](folder, steps, warmup) if name != "sampler" else run_sampler(folder)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--side", choices=["ours", "trl", "sampler"], default=None)
+    parser.add_argument("--folder", type=Path, default=None)
+    args = parser.parse_args()
+    if args.side:
+        side(args.side, args.folder, args.steps, args.warmup)
+        return
+    folder = Path(tempfile.mkdtemp()) / "model"
+    build_model_folder(folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    results = {}
+    for name in ("sampler", "ours", "trl"):
+        proc = subprocess.run([sys.executable, __file__, "--side", name, "--folder", str(folder), "--steps",
+                               str(args.steps), "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(line[0][len("RESULT "):])
+    ours, trl = results["ours"], results["trl"]
+    print("| | rlhflab | TRL GRPOTrainer | ratio |\n|---|---|---|---|")
+    for key, label in (("steps_per_s", "steps/s"), ("tokens_per_s", "completion tokens/s"), ("peak_rss_mb", "peak RSS (MB)")):
+        print(f"| {label} | {ours[key]:.2f} | {trl[key]:.2f} | {ours[key] / trl[key]:.2f}× |")
+    s = results["sampler"]
+    print(f"\nsampler: {s['sample_tokens_per_s']:.0f} tokens/s vs model.generate {s['generate_tokens_per_s']:.0f} "
+          f"tokens/s ({s['sample_tokens_per_s'] / s['generate_tokens_per_s']:.2f}×)")
+
+
+if __name__ == "__main__":
+    main()

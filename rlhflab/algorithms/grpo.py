@@ -1,0 +1,180 @@
+"""GRPO: group-relative policy optimisation (Shao et al. 2024, "DeepSeekMath", sec. 4.1).
+
+One step = one rollout batch:
+
+    B prompts ─► k samples each (prompt prefilled once) ─► rewards r [B·k] (reward fn or reward model)
+      ─► A_i = (r_i − mean_group r) / (std + eps)           (scale_rewards: group | batch | none)
+      ─► reference log-probs (if beta > 0), old log-probs (if num_iterations > 1): packed forwards,
+         each prompt computed once per group  [P | c1 | ... | ck]
+      ─► num_iterations optimizer updates over the whole batch (grad_accum micro-batches each):
+             ρ_t = exp(log π(y_t) − log π_old(y_t))
+             ℓ_t = max(−A ρ_t, −A clip(ρ_t, 1 − ε, 1 + ε_high)) + β k3(π, π_ref)_t
+             loss = aggregate(ℓ, mask, loss_agg)     (seq_mean_token_mean | token_mean | seq_mean_token_sum_norm)
+
+With num_iterations = 1 every rollout batch is used once, so π_old = π: the old log-probs are the
+current forward's own values, detached (ρ = 1 exactly, the gradient is that of A · log π), and no
+extra forward is spent on them. Log-probs are taken at the sampling temperature (as TRL does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhflab.algorithms.rollout import (
+    PromptPool,
+    Rollout,
+    SamplingSettings,
+    completion_metrics,
+    generate,
+    pack,
+    policy_logps,
+    rows_of,
+    score,
+)
+from rlhflab.config import RunConfig
+from rlhflab.core.advantages import group_advantages, group_reward_std
+from rlhflab.core.kl import kl_k3
+from rlhflab.core.policy_loss import aggregate, ppo_clip_loss, ppo_clip_token_losses
+from rlhflab.diagnostics.rl import grpo_monitors
+from rlhflab.rewards import RewardFn
+from rlhflab.training.data_order import split_micro_batches
+from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
+
+
+@dataclass
+class GRPOConfig(RunConfig):
+    lr: float = 2e-5
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    max_steps: int = 100
+    batch_size: int = 8  # prompts per step; completions per step = batch_size × group_size
+    group_size: int = 8  # completions sampled per prompt (k)
+    max_new_tokens: int | None = None  # completion budget; default: the task's, else 32
+    max_prompt_tokens: int = 64  # longer prompts keep their last tokens
+    temperature: float = 1.0  # sampling temperature (log-probs for the ratio use the same)
+    top_p: float = 1.0
+    top_k: int = 0
+    beta: float = 0.04  # k3 KL-to-reference coefficient; 0: no reference model is loaded
+    clip_eps: float = 0.2  # ε: ratio clipped to [1 − ε, 1 + ε_high]
+    clip_eps_high: float | None = None  # ε_high (DAPO clip-higher, e.g. 0.28); default: clip_eps
+    loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
+    scale_rewards: str = "group"  # group | batch | none: divide centred rewards by the group's std, the batch's, or nothing
+    num_iterations: int = 1  # optimizer updates per rollout batch (μ in the paper); > 1 computes old log-probs
+    reward_fn: str | None = None  # FILE.py:NAME or package.module:NAME; default: the reward model
+    reward_model: str | None = None  # reward model folder; default with --task: the task's reward model
+    num_prompts: int = 4000  # built-in tasks: training prompts to generate
+    task_size: str = "small"  # small | tiny: which cached task artefacts to start from
+    packed_row_tokens: int = 512  # longest packed row (prompt + its k completions share one row segment)
+
+
+class GRPORecipe:
+    """The `Recipe` of the shared loop: `plan_step` samples and scores, `loss` is the clipped surrogate."""
+
+    def __init__(self, policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], cfg: GRPOConfig, *,
+                 reward_fn: RewardFn | None = None, reward_model: torch.nn.Module | None = None,
+                 reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None):
+        if (reward_fn is None) == (reward_model is None):
+            raise ValueError("give exactly one of reward_fn and reward_model")
+        if cfg.beta > 0 and reference is None:
+            raise ValueError("beta > 0 needs a reference model")
+        if cfg.group_size < 2:
+            raise ValueError("GRPO needs group_size >= 2 (advantages are relative to the group)")
+        self.model = policy
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.reward_fn, self.reward_model, self.reference, self.gold_fn = reward_fn, reward_model, reference, gold_fn
+        self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed)
+        self.settings = SamplingSettings(cfg.max_new_tokens or 32, cfg.temperature, cfg.top_p, cfg.top_k)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.updates_per_step = cfg.num_iterations
+
+    def plan_step(self, step: int) -> StepPlan:
+        cfg, k = self.cfg, self.cfg.group_size
+        prompts, prompt_ids = self.pool.take(cfg.batch_size)
+        rollout = generate(self.model, self.tokenizer, prompts, prompt_ids, k, self.settings, self.generator)
+        rewards = score(rollout, self.reward_fn, self.reward_model, self.tokenizer.pad_token_id)  # [N]
+        advantages = group_advantages(rewards, k, cfg.scale_rewards)  # [N]
+        micro_batches = [self._micro_batch(rollout, groups, advantages)
+                         for groups in split_micro_batches(list(range(len(prompts))), cfg.grad_accum)]
+        return StepPlan([micro_batches] * cfg.num_iterations, self._rollout_metrics(rollout, rewards))
+
+    @torch.no_grad()
+    def _micro_batch(self, rollout: Rollout, groups: list[int], advantages: torch.Tensor) -> dict[str, Any]:
+        """Packed rows of these prompts' groups, their advantages and the fixed log-probs (old, reference)."""
+        packed = pack(rollout, groups, self.tokenizer.pad_token_id, self.cfg.packed_row_tokens)
+        rows = rows_of(groups, rollout.group_size)
+        old_logps = ref_logps = None
+        if self.cfg.num_iterations > 1:
+            old_logps = policy_logps(self.model, packed, self.cfg.temperature)[0]
+        if self.cfg.beta > 0:
+            ref_logps = policy_logps(self.reference, packed, self.cfg.temperature)[0]
+        lengths = packed.completion_lengths
+        num_items = int(lengths.sum()) if self.cfg.loss_agg == "token_mean" else int((lengths > 0).sum())
+        return {"packed": packed, "advantages": advantages[rows], "old_logps": old_logps,
+                "ref_logps": ref_logps, "num_items": num_items}
+
+    def loss(self, mb: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        logps, mask, entropy = policy_logps(self.model, mb["packed"], cfg.temperature, with_entropy=True)  # [n, T]
+        old_logps = logps.detach() if mb["old_logps"] is None else mb["old_logps"]
+        advantages = mb["advantages"][:, None].expand_as(logps)  # one advantage per completion
+        token_losses = ppo_clip_token_losses(logps, old_logps, advantages, cfg.clip_eps, cfg.clip_eps_high)
+        metrics = {}
+        if cfg.beta > 0:
+            kl = kl_k3(logps, mb["ref_logps"])  # DeepSeekMath eq. 4
+            token_losses = token_losses + cfg.beta * kl
+            metrics["kl"] = _masked_mean(kl.detach(), mask)
+        numerator, _ = aggregate(token_losses, mask, cfg.loss_agg, self.settings.max_new_tokens, return_parts=True)
+        _, stats = ppo_clip_loss(logps.detach(), old_logps, advantages, mask, cfg.clip_eps, cfg.clip_eps_high)
+        metrics.update({
+            "entropy": _masked_mean(entropy.detach(), mask),
+            "clip_ratio/low": stats["clip_ratio/low"].item(),
+            "clip_ratio/high": stats["clip_ratio/high"].item(),
+            "clip_ratio/region": stats["clip_frac"].item(),
+            "ratio": _masked_mean(torch.exp(logps.detach() - old_logps), mask),
+        })  # fmt: skip
+        return numerator, metrics
+
+    def _rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        """TRL's names: `reward` (batch mean), `reward_std` (mean within-group std), `frac_reward_zero_std`."""
+        group_std = group_reward_std(rewards, rollout.group_size)  # [B]
+        metrics = {
+            "reward": rewards.mean().item(),
+            "reward_std": group_std.mean().item(),
+            "frac_reward_zero_std": (group_std < 1e-6).float().mean().item(),
+            **completion_metrics(rollout),
+            "num_tokens": float(sum(len(c) for c in rollout.completions)),
+        }
+        if self.gold_fn is not None:  # log the truth beside the proxy: reward.proxy_gold_divergence reads both
+            metrics["gold/reward"] = sum(self.gold_fn(rollout.row_prompts(), rollout.texts)) / len(rollout.texts)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompts": self.pool.sampler.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pool.sampler.load_state_dict(state["prompts"])
+        self.generator.set_state(state["generator"])
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return ((x * mask).sum() / mask.sum().clamp(min=1)).item()
+
+
+def run_grpo(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], *,
+             reward_fn: RewardFn | None = None, reward_model: torch.nn.Module | None = None,
+             reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None):
+    """Train `policy` with GRPO into `cfg.out`; returns the saved model folder."""
+    out = start_run(cfg)
+    for frozen in (reward_model, reference):
+        if frozen is not None:
+            frozen.eval().requires_grad_(False)
+    recipe = GRPORecipe(policy, tokenizer, prompts, cfg, reward_fn=reward_fn, reward_model=reward_model,
+                        reference=reference, gold_fn=gold_fn)
+    if recipe.pool.truncation_warning:
+        console.print(f"[yellow]warning:[/] {recipe.pool.truncation_warning}")
+    train(cfg, recipe, monitors=grpo_monitors(has_gold=gold_fn is not None))
+    return save_final_model(policy, tokenizer, out)

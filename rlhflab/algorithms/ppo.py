@@ -1,0 +1,236 @@
+"""PPO for language models (Ziegler et al. 2019; Ouyang et al. 2022; the N+ implementation details of
+Huang et al. 2024, as in TRL's former PPOTrainer).
+
+One step = one rollout batch:
+
+    B prompts ─► k samples each ─► score s = r(x, y) at the last token (reward model or reward fn),
+                                     minus missing_eos_penalty when the completion has no EOS
+      ─► no-grad packed forwards: old log-probs (policy), reference log-probs, values V(s_t)
+      ─► per-token reward  r_t = −β · KL_t  (+ s on the last token),   KL_t = k1 = log π_old − log π_ref
+      ─► GAE(γ, λ) over the completion tokens ─► advantages (whitened over the batch), returns
+      ─► ppo_epochs × num_minibatches optimizer updates, each on a minibatch of prompts:
+             loss = token_mean( max(−A ρ, −A clip(ρ, 1 ± ε)) ) + vf_coef · token_mean( ½ max((V−R)², (V_clip−R)²) )
+      ─► adaptive KL controller (optional):  β ← β (1 + clip(KL/target − 1, ±0.2) · B·k / horizon)
+
+The policy and the value model are trained together (one optimizer over both, as the loop's `model`);
+the reference and the reward model are frozen. Minibatches are fixed per rollout batch and visited in a
+new order every epoch, so the first update sees exactly the rows its old log-probs were computed on
+(ratio 1 to the bit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhflab.algorithms.rollout import (
+    PromptPool,
+    SamplingSettings,
+    completion_metrics,
+    generate,
+    pack,
+    packed_values,
+    policy_logps,
+    rows_of,
+    score,
+)
+from rlhflab.config import RunConfig
+from rlhflab.core.advantages import gae, whiten
+from rlhflab.core.kl import get_kl_estimator
+from rlhflab.core.policy_loss import (
+    aggregate,
+    ppo_clip_loss,
+    ppo_clip_token_losses,
+    value_loss,
+    value_token_losses,
+)
+from rlhflab.diagnostics.rl import ppo_monitors
+from rlhflab.rewards import RewardFn
+from rlhflab.training.data_order import split_micro_batches
+from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    lr: float = 2e-5
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    max_steps: int = 100
+    batch_size: int = 16  # prompts per rollout step; completions per step = batch_size × group_size
+    group_size: int = 1  # completions sampled per prompt
+    max_new_tokens: int | None = None  # completion budget; default: the task's, else 32
+    max_prompt_tokens: int = 64
+    temperature: float = 1.0  # sampling temperature (log-probs use the same)
+    top_p: float = 1.0
+    top_k: int = 0
+    kl_coef: float = 0.05  # β of the per-token KL penalty in the reward (initial value when adaptive)
+    kl_estimator: str = "k1"  # k1 | k2 | k3: per-token KL in the reward
+    adaptive_kl: bool = False  # adapt β towards target_kl (Ziegler et al. 2019)
+    target_kl: float = 6.0  # adaptive controller: target KL per completion (nats)
+    kl_horizon: int = 10000  # adaptive controller: horizon in completions
+    ppo_epochs: int = 4  # passes over each rollout batch
+    num_minibatches: int = 1  # optimizer updates per pass
+    clip_eps: float = 0.2  # policy ratio clip ε
+    clip_value: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1  # weight of the value loss
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE λ
+    whiten_rewards: bool = False  # whiten per-token rewards (scale only) before GAE
+    missing_eos_penalty: float | None = None  # subtracted from the score of completions without EOS
+    value_init: str = "reward_model"  # reward_model | policy: where the value model's weights come from
+    reward_fn: str | None = None  # FILE.py:NAME or package.module:NAME; default: the reward model
+    reward_model: str | None = None  # reward model folder; default with --task: the task's reward model
+    num_prompts: int = 4000  # built-in tasks: training prompts to generate
+    task_size: str = "small"  # small | tiny: which cached task artefacts to start from
+    packed_row_tokens: int = 512  # longest packed row
+
+
+class KLController:
+    """β of the KL penalty: fixed, or adaptive (Ziegler et al. 2019, sec. 2.2):
+    e = clip(KL / target − 1, −0.2, 0.2);  β ← β · (1 + e · n / horizon), n = completions this step."""
+
+    def __init__(self, value: float, target: float | None = None, horizon: int = 10000):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n / self.horizon
+
+
+class PPORecipe:
+    def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module, reference: torch.nn.Module,
+                 tokenizer: Any, prompts: list[Any], cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
+                 reward_model: torch.nn.Module | None = None, gold_fn: RewardFn | None = None):
+        if (reward_fn is None) == (reward_model is None):
+            raise ValueError("give exactly one of reward_fn and reward_model")
+        self.policy, self.value_model, self.reference = policy, value_model, reference
+        self.model = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # everything the optimizer trains
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.reward_fn, self.reward_model, self.gold_fn = reward_fn, reward_model, gold_fn
+        self.kl_estimator = get_kl_estimator(cfg.kl_estimator)
+        self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed)
+        self.settings = SamplingSettings(cfg.max_new_tokens or 32, cfg.temperature, cfg.top_p, cfg.top_k)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # sampling
+        self.shuffle = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch order
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl if cfg.adaptive_kl else None, cfg.kl_horizon)
+        self.updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
+
+    def plan_step(self, step: int) -> StepPlan:
+        cfg = self.cfg
+        prompts, prompt_ids = self.pool.take(cfg.batch_size)
+        rollout = generate(self.policy, self.tokenizer, prompts, prompt_ids, cfg.group_size, self.settings, self.generator)
+        scores = score(rollout, self.reward_fn, self.reward_model, self.tokenizer.pad_token_id)  # [N]
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * rollout.truncated.float()
+        order = torch.randperm(len(prompts), generator=self.shuffle).tolist()
+        minibatches = [[self._micro_batch(rollout, groups) for groups in split_micro_batches(mb_groups, cfg.grad_accum)]
+                       for mb_groups in split_micro_batches(order, cfg.num_minibatches)]
+        metrics = self._advantages(minibatches, scores, rollout.lengths().long())
+        metrics.update(completion_metrics(rollout))
+        if self.gold_fn is not None:  # the truth beside the proxy, for reward.proxy_gold_divergence
+            metrics["gold/reward"] = sum(self.gold_fn(rollout.row_prompts(), rollout.texts)) / len(rollout.texts)
+        updates = []
+        for _ in range(cfg.ppo_epochs):
+            visit = torch.randperm(len(minibatches), generator=self.shuffle).tolist() if updates else range(len(minibatches))
+            updates += [minibatches[i] for i in visit]
+        self.kl_ctl.update(metrics["objective/kl"], len(rollout.completions))
+        return StepPlan(updates, metrics)
+
+    @torch.no_grad()
+    def _micro_batch(self, rollout, groups: list[int]) -> dict[str, Any]:
+        packed = pack(rollout, groups, self.tokenizer.pad_token_id, self.cfg.packed_row_tokens)
+        logps, mask, _ = policy_logps(self.policy, packed, self.cfg.temperature)  # [n, T]
+        ref_logps = policy_logps(self.reference, packed, self.cfg.temperature)[0]
+        values = packed_values(self.value_model, packed)
+        return {"packed": packed, "rows": rows_of(groups, rollout.group_size), "mask": mask, "old_logps": logps,
+                "ref_logps": ref_logps, "old_values": values, "num_items": int(mask.sum())}
+
+    @torch.no_grad()
+    def _advantages(self, minibatches: list[list[dict[str, Any]]], scores: torch.Tensor,
+                    lengths: torch.Tensor) -> dict[str, float]:
+        """Per-token rewards, GAE and whitening over the whole rollout batch; stores advantages and returns
+        in each micro-batch; returns the rollout metrics (TRL's `objective/*` names)."""
+        micro = [mb for minibatch in minibatches for mb in minibatch]
+        n, width = len(scores), int(lengths.max())
+        full = {key: torch.zeros(n, width) for key in ("old_logps", "ref_logps", "old_values")}
+        mask = torch.zeros(n, width, dtype=torch.bool)
+        for mb in micro:  # scatter each micro-batch's [n_mb, T_mb] rows into the batch's [N, T]
+            t = mb["mask"].shape[1]
+            mask[mb["rows"], :t] = mb["mask"]
+            for key in full:
+                full[key][mb["rows"], :t] = mb[key]
+        kl = self.kl_estimator(full["old_logps"], full["ref_logps"]) * mask  # [N, T]
+        beta = self.kl_ctl.value
+        rewards = -beta * kl
+        rewards[torch.arange(n), (lengths - 1).clamp(min=0)] += scores  # the score lands on the last token
+        if self.cfg.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, full["old_values"], mask, self.cfg.gamma, self.cfg.lam)
+        advantages = whiten(advantages, mask)
+        for mb in micro:
+            t = mb["mask"].shape[1]
+            mb["advantages"], mb["returns"] = advantages[mb["rows"], :t], returns[mb["rows"], :t]
+        kl_sum = kl.sum(1)
+        residual = (returns - full["old_values"])[mask]
+        return {
+            "objective/scores": scores.mean().item(),
+            "objective/kl": kl_sum.mean().item(),
+            "objective/entropy": (-full["old_logps"] * mask).sum(1).mean().item(),  # sampled NLL, TRL's estimate
+            "objective/non_score_reward": (-beta * kl_sum).mean().item(),
+            "objective/rlhf_reward": (scores - beta * kl_sum).mean().item(),
+            "value/explained_var": (1 - residual.var() / returns[mask].var().clamp(min=1e-8)).item(),
+            "kl_coef": beta,
+        }
+
+    def loss(self, mb: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, mask = self.cfg, mb["mask"]
+        logps, _, entropy = policy_logps(self.policy, mb["packed"], cfg.temperature, with_entropy=True)  # [n, T]
+        values = packed_values(self.value_model, mb["packed"])  # [n, T]
+        pg = ppo_clip_token_losses(logps, mb["old_logps"], mb["advantages"], cfg.clip_eps)
+        vf = value_token_losses(values, mb["old_values"], mb["returns"], cfg.clip_value)
+        numerator, _ = aggregate(pg + cfg.vf_coef * vf, mask, "token_mean", return_parts=True)
+        with torch.no_grad():
+            pg_loss, stats = ppo_clip_loss(logps, mb["old_logps"], mb["advantages"], mask, cfg.clip_eps)
+            vf_loss, vf_stats = value_loss(values, mb["old_values"], mb["returns"], mask, cfg.clip_value)
+            m = mask.float()
+            metrics = {
+                "policy/approx_kl": stats["approx_kl"].item(),
+                "policy/clip_frac": stats["clip_frac"].item(),
+                "policy/ratio": ((torch.exp(logps - mb["old_logps"]) * m).sum() / m.sum()).item(),
+                "loss/policy": pg_loss.item(),
+                "loss/value": vf_loss.item(),
+                "value/clip_frac": vf_stats["value/clip_frac"].item(),
+                "entropy": ((entropy * m).sum() / m.sum()).item(),
+            }
+        return numerator, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompts": self.pool.sampler.state_dict(), "generator": self.generator.get_state(),
+                "shuffle": self.shuffle.get_state(), "kl_coef": self.kl_ctl.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pool.sampler.load_state_dict(state["prompts"])
+        self.generator.set_state(state["generator"])
+        self.shuffle.set_state(state["shuffle"])
+        self.kl_ctl.value = float(state["kl_coef"])
+
+
+def run_ppo(cfg: PPOConfig, policy: torch.nn.Module, value_model: torch.nn.Module, reference: torch.nn.Module,
+            tokenizer: Any, prompts: list[Any], *, reward_fn: RewardFn | None = None,
+            reward_model: torch.nn.Module | None = None, gold_fn: RewardFn | None = None):
+    """Train `policy` (and `value_model`) with PPO into `cfg.out`; returns the saved policy folder."""
+    out = start_run(cfg)
+    for frozen in (reward_model, reference):
+        if frozen is not None:
+            frozen.eval().requires_grad_(False)
+    recipe = PPORecipe(policy, value_model, reference, tokenizer, prompts, cfg, reward_fn=reward_fn,
+                       reward_model=reward_model, gold_fn=gold_fn)
+    if recipe.pool.truncation_warning:
+        console.print(f"[yellow]warning:[/] {recipe.pool.truncation_warning}")
+    train(cfg, recipe, monitors=ppo_monitors(has_gold=gold_fn is not None))
+    value_model.save_pretrained(out / "value_model", safe_serialization=True)
+    return save_final_model(policy, tokenizer, out)

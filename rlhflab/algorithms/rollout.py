@@ -1,0 +1,148 @@
+"""Rollouts shared by PPO and GRPO: sample k completions per prompt, score them, and run the policy,
+reference and value model over packed (prompt + its k completions) rows.
+
+    prompts ─► sample (prefill each prompt once, k rows share its KV cache) ─► completions, truncated
+            ─► reward fn / reward model ─► rewards [N]                        (N = prompts × k)
+            ─► pack_groups: one row segment per prompt  [P | c1 | c2 | ... | ck]
+            ─► packed_forward (policy, reference) / packed_values (value model): each prompt computed once
+
+Token tensors returned here are [n, T] completion-aligned: column t is completion token t (the first
+generated token is column 0), `mask` is True on real tokens, EOS included. That is the frame of
+`core.policy_loss` and `core.advantages` with the label shift already applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhflab.core.packing import (
+    PackedBatch,
+    check_attention_implementation,
+    pack_groups,
+    packed_forward,
+    to_padded,
+)
+from rlhflab.core.sampling import sample
+from rlhflab.data.collate import TruncationCounter, tokenize_prompt
+from rlhflab.models.loading import token_scores
+from rlhflab.rewards import RewardFn, call_reward_fn, reward_model_scores
+from rlhflab.training.data_order import EpochSampler
+
+
+class PromptPool:
+    """Prompts tokenized once, visited in a resumable shuffled order (`EpochSampler`)."""
+
+    def __init__(self, prompts: list[Any], tokenizer: Any, max_prompt_tokens: int, seed: int):
+        counter = TruncationCounter()
+        self.prompts = prompts
+        self.ids = [tokenize_prompt(tokenizer, p, max_prompt_tokens, counter=counter).prompt_ids for p in prompts]
+        self.truncation_warning = counter.message()
+        self.sampler = EpochSampler(len(prompts), seed)
+
+    def take(self, n: int) -> tuple[list[Any], list[list[int]]]:
+        indices = self.sampler.take(n)
+        return [self.prompts[i] for i in indices], [self.ids[i] for i in indices]
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class Rollout:
+    """N = P × k completions, grouped: rows g*k .. g*k+k-1 continue prompt g."""
+
+    prompts: list[Any]  # [P] as given in the data (reward functions receive these)
+    prompt_ids: list[list[int]]  # [P]
+    completions: list[list[int]]  # [N] token ids, EOS included where emitted
+    texts: list[str]  # [N] decoded, without EOS
+    truncated: torch.Tensor  # [N] bool: never emitted EOS
+    group_size: int
+
+    def row_prompts(self) -> list[Any]:
+        return [self.prompts[i // self.group_size] for i in range(len(self.completions))]
+
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(c) for c in self.completions], dtype=torch.float32)
+
+
+def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt_ids: list[list[int]],
+             group_size: int, settings: SamplingSettings, generator: torch.Generator) -> Rollout:
+    """k = group_size samples of each prompt with the KV-cached sampler (prompt prefilled once)."""
+    samples = sample(
+        policy, prompt_ids, num_samples=group_size, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
+    )  # fmt: skip
+    completions = samples.completions()
+    eos = tokenizer.eos_token_id
+    texts = [tokenizer.decode([t for t in c if t != eos]) for c in completions]
+    return Rollout(prompts, prompt_ids, completions, texts, samples.truncated.cpu(), group_size)
+
+
+def score(rollout: Rollout, reward_fn: RewardFn | None, reward_model: torch.nn.Module | None,
+          pad_token_id: int) -> torch.Tensor:
+    """Reward of each completion: [N]. Exactly one of `reward_fn` and `reward_model` is given."""
+    if reward_fn is not None:
+        return call_reward_fn(reward_fn, rollout.row_prompts(), rollout.texts)
+    assert reward_model is not None, "give a reward function or a reward model"
+    row_ids = [rollout.prompt_ids[i // rollout.group_size] for i in range(len(rollout.completions))]
+    return reward_model_scores(reward_model, row_ids, rollout.completions, pad_token_id)
+
+
+def pack(rollout: Rollout, groups: list[int], pad_token_id: int, max_row_tokens: int) -> PackedBatch:
+    """Pack the prompts `groups` with their k completions each; sequence order = rollout row order."""
+    k = rollout.group_size
+    return pack_groups(
+        [(rollout.prompt_ids[g], rollout.completions[g * k : (g + 1) * k]) for g in groups],
+        max_row_tokens=max_row_tokens, pad_token_id=pad_token_id,
+    )  # fmt: skip
+
+
+def rows_of(groups: list[int], group_size: int) -> torch.Tensor:
+    """Rollout row indices of the completions of `groups`, in packing order: [len(groups) * k]."""
+    return torch.tensor([g * group_size + j for g in groups for j in range(group_size)], dtype=torch.long)
+
+
+def policy_logps(model: torch.nn.Module, packed: PackedBatch, temperature: float, with_entropy: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logps [n, T], mask [n, T], entropy [n, T] or None) of the packed completions at `temperature`.
+
+    The temperature matches the sampler's, so these are the log-probs of the distribution the tokens
+    were drawn from (before top-k / top-p, see `core.sampling`).
+    """
+    # temperature 0 (greedy) samples are scored at temperature 1, like the sampler's own logps.
+    out = packed_forward(model, packed, temperature=temperature if temperature > 0 else 1.0, with_entropy=with_entropy)
+    logps, mask = to_padded(out.token_logps, packed)
+    entropy = to_padded(out.token_entropy, packed)[0] if out.token_entropy is not None else None
+    return logps, mask, entropy
+
+
+def packed_values(value_model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """V(s_t) for every completion token t: the scalar head at the position that predicts token t
+    (the state before the token is chosen, as in TRL's PPO). [n, T]."""
+    check_attention_implementation(value_model)
+    dtype = next(value_model.parameters()).dtype
+    mask = packed.attention_mask
+    if mask.dtype != dtype:
+        mask = torch.zeros_like(mask, dtype=dtype).masked_fill_(mask != 0, torch.finfo(dtype).min)
+    scores = token_scores(value_model, packed.input_ids, mask, packed.position_ids)  # [R, L]
+    return to_padded(scores.flatten()[packed.logit_index].float(), packed)[0]
+
+
+def completion_metrics(rollout: Rollout) -> dict[str, float]:
+    """TRL's names: mean completion length (tokens, EOS included) and the share that never emitted EOS."""
+    lengths = rollout.lengths()
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": rollout.truncated.float().mean().item(),
+    }
+

@@ -1,0 +1,105 @@
+"""Where RL rewards come from: a Python function named on the command line, or a reward model.
+
+    --reward-fn rewards.py:score          a function in a file (loaded by path, never via sys.path)
+    --reward-fn rlhflab.tasks:reviews_reward   a function in an importable module
+
+A reward function has the signature `f(prompts, completions) -> list[float]`: prompts as given in
+the data (strings, or lists of messages), completions as decoded strings without the EOS token.
+It is called once per rollout batch with every completion of the batch (k per prompt, grouped).
+A reward model scores `prompt + completion` (EOS included) at the last token, as in training.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhflab.data.collate import TokenizedExample, collate_sequences
+from rlhflab.errors import InputError
+from rlhflab.models.loading import last_token_scores, token_scores
+
+RewardFn = Callable[[list[Any], list[str]], list[float]]
+
+SPEC_HELP = "give --reward-fn as FILE.py:NAME (e.g. rewards.py:score) or package.module:NAME"
+
+
+def _module_from_file(path: str, spec: str) -> Any:
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"reward function file not found; {SPEC_HELP}", file=path, field="reward_fn")
+    module_spec = importlib.util.spec_from_file_location(f"rlhflab_reward_{file.stem}", file)
+    if module_spec is None or module_spec.loader is None:
+        raise InputError(f"cannot load '{spec}' as Python", file=path, field="reward_fn")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # a syntax or import error in the user's file: name it, no traceback
+        raise InputError(f"importing the reward file failed: {type(exc).__name__}: {exc}", file=path,
+                         field="reward_fn") from None
+    return module
+
+
+def _module_by_name(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise InputError(f"cannot import module '{name}': {exc}; {SPEC_HELP}", field="reward_fn") from None
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """The function named by `FILE.py:NAME` or `package.module:NAME`; InputError saying why otherwise."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise InputError(f"'{spec}' does not name a function; {SPEC_HELP}", field="reward_fn")
+    module = _module_from_file(where, spec) if where.endswith(".py") else _module_by_name(where)
+    fn = getattr(module, name, None)
+    if fn is None:
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise InputError(f"'{where}' has no '{name}'; callables there: {', '.join(found) or 'none'}",
+                         field="reward_fn")
+    if not callable(fn):
+        raise InputError(f"'{spec}' is a {type(fn).__name__}, not a function", field="reward_fn")
+    return fn
+
+
+def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[str]) -> torch.Tensor:
+    """Call `fn` and check it returned one finite number per completion: [N] float32."""
+    values = fn(prompts, completions)
+    try:
+        rewards = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise InputError(f"the reward function must return a list of numbers, got {values!r:.200}",
+                         field="reward_fn") from None
+    if len(rewards) != len(completions):
+        raise InputError(f"the reward function returned {len(rewards)} rewards for {len(completions)} completions",
+                         field="reward_fn")
+    bad = [r for r in rewards if not math.isfinite(r)]
+    if bad:
+        raise InputError(f"the reward function returned non-finite rewards ({bad[0]})", field="reward_fn")
+    return torch.tensor(rewards, dtype=torch.float32)
+
+
+@torch.no_grad()
+def reward_model_scores(model: torch.nn.Module, prompt_ids: list[list[int]], completions: list[list[int]],
+                        pad_token_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Score r(x, y) of each (prompt, completion) at the completion's last token: [N] float32.
+
+    Completions carry their EOS where the policy emitted one; a truncated completion is scored at its
+    last token (the PPO recipe subtracts `missing_eos_penalty` from those, as TRL does).
+    """
+    was_training = model.training
+    model.eval()
+    rows = [TokenizedExample(p, c) for p, c in zip(prompt_ids, completions, strict=True)]
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate_sequences(rows[start : start + batch_size], pad_token_id)
+        per_token = token_scores(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # [B, T]
+        scores.append(last_token_scores(per_token, batch["attention_mask"]).float())
+    model.train(was_training)
+    return torch.cat(scores)

@@ -1,0 +1,158 @@
+"""GRPO on a tiny model: smoke, ratio exactly 1 at iteration 0, golden trajectory, resume, reward functions."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlhflab.algorithms.grpo import GRPOConfig, GRPORecipe, run_grpo
+from rlhflab.errors import InputError
+from rlhflab.models.tokenizer import train_tokenizer
+from rlhflab.rewards import call_reward_fn, load_reward_fn
+from rlhflab.training.metrics import read_metrics
+
+PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
+
+
+def tiny_tokenizer():
+    return train_tokenizer(["a b c d e f g h .", "b c a d . e f g", "h g f e d c b a ."] * 10, vocab_size=40)
+
+
+def tiny_lm(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def count_a(prompts: list[str], completions: list[str]) -> list[float]:
+    """Reward: share of the completion's words that are "a" (varies across samples of a random model)."""
+    return [c.split().count("a") / max(len(c.split()), 1) for c in completions]
+
+
+def config(tmp_path: Path, **overrides) -> GRPOConfig:
+    base = GRPOConfig(out=str(tmp_path / "run"), max_steps=3, batch_size=2, group_size=4, max_new_tokens=6, lr=1e-2,
+                      threads=1, progress=False, seed=3)
+    return replace(base, **overrides)
+
+
+def run(cfg: GRPOConfig, tokenizer=None):
+    tokenizer = tokenizer or tiny_tokenizer()
+    policy = tiny_lm(tokenizer)
+    reference = tiny_lm(tokenizer) if cfg.beta > 0 else None
+    run_grpo(cfg, policy, tokenizer, PROMPTS, reward_fn=count_a, reference=reference)
+    return policy, read_metrics(Path(cfg.out))
+
+
+def test_smoke_parameters_change_and_metrics_are_finite(tmp_path):
+    tokenizer = tiny_tokenizer()
+    before = {k: v.clone() for k, v in tiny_lm(tokenizer).state_dict().items()}
+    policy, metrics = run(config(tmp_path), tokenizer)
+    changed = [k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+    assert len(metrics) == 3
+    for key in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/low",
+                "clip_ratio/high", "completions/mean_length", "completions/clipped_ratio"):
+        assert all(torch.isfinite(torch.tensor(float(m[key]))) for m in metrics), key
+    assert (Path(tmp_path) / "run" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_ratio_is_exactly_one_at_iteration_zero(tmp_path, num_iterations):
+    """Old log-probs: the current forward detached (1 iteration) or a no-grad forward of the same packed rows."""
+    tokenizer = tiny_tokenizer()
+    cfg = config(tmp_path, num_iterations=num_iterations, grad_accum=2)
+    recipe = GRPORecipe(tiny_lm(tokenizer), tokenizer, PROMPTS, cfg, reward_fn=count_a, reference=tiny_lm(tokenizer, 1))
+    plan = recipe.plan_step(0)
+    assert len(plan.updates) == num_iterations
+    for mb in plan.updates[0]:
+        _, metrics = recipe.loss(mb)
+        assert metrics["ratio"] == 1.0
+        assert metrics["clip_ratio/low"] == metrics["clip_ratio/high"] == 0.0
+
+
+def test_group_of_tied_rewards_gives_zero_policy_gradient(tmp_path):
+    """All rewards equal ⇒ every advantage 0; with beta 0 the loss and its gradient vanish."""
+    tokenizer = tiny_tokenizer()
+    cfg = config(tmp_path, beta=0.0)
+    recipe = GRPORecipe(tiny_lm(tokenizer), tokenizer, PROMPTS, cfg, reward_fn=lambda p, c: [1.0] * len(c))
+    plan = recipe.plan_step(0)
+    assert plan.metrics["frac_reward_zero_std"] == 1.0
+    numerator, _ = recipe.loss(plan.updates[0][0])
+    numerator.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in recipe.model.parameters())
+
+
+# (reward, loss, kl, entropy) of the first three steps of `config(...)`, recorded on CPU, torch 2.13.
+GOLDEN = [[0.0625, 0.0, 0.0, 3.12053], [0.10417, 0.00117, 0.02801, 3.10402], [0.04167, 0.00201, 0.05355, 3.09393]]
+
+
+def test_golden_trajectory(tmp_path):
+    """Three steps on a fixed seed reproduce the recorded metrics (guards silent changes to sampling, packing,
+    advantages or the loss). Step 0: ratio 1 and a reference equal to the policy give loss 0 and kl 0."""
+    _, metrics = run(config(tmp_path))
+    got = [m[k] for m in metrics for k in ("reward", "loss", "kl", "entropy")]
+    assert got == pytest.approx([v for row in GOLDEN for v in row], abs=2e-4)
+
+
+def test_resume_gives_identical_metrics(tmp_path):
+    full_cfg = config(tmp_path / "full", max_steps=4, num_iterations=2)
+    _, full = run(full_cfg)
+    part_cfg = config(tmp_path / "part", max_steps=4, num_iterations=2, checkpoint_every=2)
+    tokenizer = tiny_tokenizer()
+    run_grpo(replace(part_cfg, max_steps=2), tiny_lm(tokenizer), tokenizer, PROMPTS, reward_fn=count_a,
+             reference=tiny_lm(tokenizer))
+    _, resumed = run(replace(part_cfg, resume="auto"), tokenizer)
+    strip = [{k: v for k, v in m.items() if k != "time"} for m in full]
+    assert [{k: v for k, v in m.items() if k != "time"} for m in resumed] == strip
+
+
+def test_load_reward_fn_from_file_and_module(tmp_path):
+    file = tmp_path / "my_rewards.py"
+    file.write_text("def length(prompts, completions):\n    return [float(len(c)) for c in completions]\nX = 3\n")
+    fn = load_reward_fn(f"{file}:length")
+    assert fn(["p"], ["abc"]) == [3.0]
+    gold = load_reward_fn("rlhflab.tasks.reviews:reviews_reward")
+    assert gold(["i bought this phone and the battery was"], [" great ."]) == [2.0]
+    for spec, words in [
+        ("no_colon", "does not name"),
+        (f"{tmp_path}/missing.py:f", "not found"),
+        (f"{file}:nothing", "has no 'nothing'"),
+        (f"{file}:X", "not a function"),
+        ("rlhflab.no_such_module:f", "cannot import"),
+        (f"{file}:", "does not name"),
+    ]:
+        with pytest.raises(InputError, match=words):
+            load_reward_fn(spec)
+
+
+def test_reward_fn_output_is_checked():
+    with pytest.raises(InputError, match="2 completions"):
+        call_reward_fn(lambda p, c: [1.0], ["p", "q"], ["a", "b"])
+    with pytest.raises(InputError, match="non-finite"):
+        call_reward_fn(lambda p, c: [float("nan")] * 2, ["p", "q"], ["a", "b"])
+    with pytest.raises(InputError, match="list of numbers"):
+        call_reward_fn(lambda p, c: ["x", "y"], ["p", "q"], ["a", "b"])
+
+
+@pytest.mark.parametrize("loss_agg,scale_rewards", [("token_mean", "batch"), ("seq_mean_token_sum_norm", "none")])
+def test_aggregation_modes_and_reward_model(tmp_path, loss_agg, scale_rewards):
+    """Every aggregation mode gives a finite loss; num_items is its denominator (tokens or completions)."""
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer = tiny_tokenizer()
+    reward_model = LlamaForSequenceClassification(replace(tiny_lm(tokenizer).config, num_labels=1))
+    cfg = config(tmp_path, loss_agg=loss_agg, scale_rewards=scale_rewards, beta=0.0)
+    recipe = GRPORecipe(tiny_lm(tokenizer), tokenizer, PROMPTS, cfg, reward_model=reward_model)
+    plan = recipe.plan_step(0)
+    mb = plan.updates[0][0]
+    tokens = int(mb["packed"].completion_lengths.sum())
+    assert mb["num_items"] == (tokens if loss_agg == "token_mean" else cfg.batch_size * cfg.group_size)
+    numerator, _ = recipe.loss(mb)
+    assert torch.isfinite(numerator)

@@ -1,0 +1,71 @@
+"""RL monitors on synthetic metric streams: each fires on its pattern, once, and stays quiet otherwise."""
+
+from __future__ import annotations
+
+from rlhflab.diagnostics.rl import (
+    EntropyCollapseMonitor,
+    KLRunawayMonitor,
+    PolicyStuckMonitor,
+    ProxyGoldDivergenceMonitor,
+    TruncationMonitor,
+    ZeroStdGroupsMonitor,
+    grpo_monitors,
+    ppo_monitors,
+)
+
+
+def feed(monitor, stream: list[dict[str, float]]) -> list:
+    return [f for step, metrics in enumerate(stream) for f in monitor.observe(step, metrics)]
+
+
+def test_zero_std_groups_fires_once_above_a_quarter_and_rearms():
+    stream = [{"frac_reward_zero_std": v} for v in [0.1] * 6 + [0.5] * 8 + [0.0] * 6 + [0.6] * 5]
+    findings = feed(ZeroStdGroupsMonitor(), stream)
+    assert [f.code for f in findings] == ["grpo.zero_std_groups"] * 2
+    assert findings[0].step == 7 and "group" in findings[0].advice
+    assert feed(ZeroStdGroupsMonitor(), [{"frac_reward_zero_std": 0.2}] * 30) == []
+
+
+def test_kl_runaway():
+    stream = [{"objective/kl": float(k)} for k in range(0, 30, 2)]
+    findings = feed(KLRunawayMonitor(bound=10.0), stream)
+    assert len(findings) == 1 and findings[0].code == "ppo.kl_runaway" and findings[0].step == 7
+    assert feed(KLRunawayMonitor(), [{"objective/kl": 2.0}] * 20) == []
+
+
+def test_policy_stuck_needs_flat_reward_no_kl_and_a_high_coefficient():
+    stuck = [{"objective/scores": 0.5, "objective/kl": 0.001, "kl_coef": 0.3}] * 12
+    assert [f.code for f in feed(PolicyStuckMonitor(), stuck)] == ["ppo.policy_stuck"]
+    low_coef = [{**m, "kl_coef": 0.01} for m in stuck]
+    assert feed(PolicyStuckMonitor(), low_coef) == []
+    learning = [{"objective/scores": 0.1 * i, "objective/kl": 0.001, "kl_coef": 0.3} for i in range(12)]
+    assert feed(PolicyStuckMonitor(), learning) == []
+
+
+def test_entropy_collapse_and_truncation():
+    entropy = [{"entropy": 2.0 * 0.5**i} for i in range(12)]
+    assert [f.code for f in feed(EntropyCollapseMonitor(), entropy)] == ["rl.entropy_collapse"]
+    trunc = [{"completions/clipped_ratio": v} for v in [0.1, 0.2, 0.9, 0.9, 0.9, 0.9]]
+    assert [f.step for f in feed(TruncationMonitor(), trunc)] == [3]
+
+
+def test_proxy_gold_divergence():
+    rising_proxy = [{"objective/scores": 0.1 * i, "gold/reward": 1.0 - 0.05 * i} for i in range(12)]
+    findings = feed(ProxyGoldDivergenceMonitor(), rising_proxy)
+    assert [f.code for f in findings] == ["reward.proxy_gold_divergence"]
+    both_rise = [{"objective/scores": 0.1 * i, "gold/reward": 0.05 * i} for i in range(12)]
+    assert feed(ProxyGoldDivergenceMonitor(), both_rise) == []
+    no_gold = [{"objective/scores": 0.1 * i} for i in range(12)]
+    assert feed(ProxyGoldDivergenceMonitor(), no_gold) == []
+
+
+def test_state_round_trip_keeps_the_window():
+    monitor, copy = ZeroStdGroupsMonitor(window=4), ZeroStdGroupsMonitor(window=4)
+    feed(monitor, [{"frac_reward_zero_std": 0.9}] * 3)
+    copy.load_state_dict(monitor.state_dict())
+    assert [f.step for f in copy.observe(3, {"frac_reward_zero_std": 0.9})] == [3]
+
+
+def test_monitor_sets():
+    assert {type(m).__name__ for m in grpo_monitors(has_gold=True)} >= {"ZeroStdGroupsMonitor", "ProxyGoldDivergenceMonitor"}
+    assert "KLRunawayMonitor" in {type(m).__name__ for m in ppo_monitors(has_gold=False)}

@@ -49,14 +49,22 @@ def _run(ctx: typer.Context, config_cls: Callable[[], type], stage: Callable[[An
         raise typer.Exit(exc.exit_code) from None
 
 
-def _command(name: str, config_path: str, stage_path: str, summary: str) -> None:
-    """Register `rlhflab NAME`, importing its config class and stage function only when run."""
+def _command(name: str, config_path: str, stage_path: str, summary: str, args_path: str | None = None) -> None:
+    """Register `rlhflab NAME`, importing its config class and stage function only when run.
+
+    `args_path` names a function that rewrites the arguments first (positional paths into options)."""
 
     def load(path: str) -> Any:
         module, _, attr = path.rpartition(".")
         return getattr(__import__(module, fromlist=[attr]), attr)
 
     def command(ctx: typer.Context) -> None:
+        if args_path is not None and not any(a in ("-h", "--help") for a in ctx.args):
+            try:
+                ctx.args = load(args_path)(ctx.args)
+            except InputError as exc:
+                console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+                raise typer.Exit(2) from None
         if any(a in ("-h", "--help") for a in ctx.args):
             from rlhflab.config import describe_fields
 
@@ -76,6 +84,11 @@ _command("demo", "rlhflab.stages.DemoConfig", "rlhflab.stages.demo", "the defaul
 _command("ppo", "rlhflab.algorithms.ppo.PPOConfig", "rlhflab.stages.ppo", "PPO with a value model and a KL-penalised reward")
 _command("dpo", "rlhflab.algorithms.dpo.DPOConfig", "rlhflab.stages.dpo", "DPO on preference pairs (packed pairs, cached reference)")
 _command("grpo", "rlhflab.algorithms.grpo.GRPOConfig", "rlhflab.stages.grpo", "GRPO: group-relative advantages, k samples per prompt")
+_command("study", "rlhflab.study.config.StudyConfig", "rlhflab.study.runner.run_study",
+         "arms x seeds on shared artefacts, one evaluation suite, intervals and a report: "
+         "rlhflab study FILE.yaml | --builtin demo|phases|frontier", "rlhflab.study.config.study_cli_args")
+_command("report", "rlhflab.report.document.ReportConfig", "rlhflab.report.document.report",
+         "report.html + report.md for a study or run folder: rlhflab report DIR", "rlhflab.report.document.report_cli_args")
 
 
 def main() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -53,6 +55,22 @@ class RunConfig:
     progress: bool = True  # rich progress bar
 
 
+# Values a RunConfig field must take; checked wherever a config is built from YAML or the CLI.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "lr_schedule": ("cosine", "linear", "constant"),
+    "on_nonfinite": ("stop", "skip"),
+}
+MINIMUM: dict[str, int | float] = {
+    "seed": 0, "max_steps": 0, "batch_size": 1, "grad_accum": 1, "lr": 0.0, "warmup_ratio": 0.0, "min_lr_ratio": 0.0,
+    "weight_decay": 0.0, "adam_beta2": 0.0, "max_grad_norm": 0.0, "log_every": 1, "checkpoint_every": 0,
+    "keep_checkpoints": 1, "max_nonfinite_skips": 0,
+}  # fmt: skip
+MAXIMUM: dict[str, int | float] = {"seed": 2**32 - 1, "warmup_ratio": 1.0, "min_lr_ratio": 1.0, "adam_beta2": 1.0}
+
+_short = reprlib.Repr()  # values quoted in messages stay short, whatever a YAML file holds
+_short.maxstring, _short.maxother, _short.maxlong, _short.maxlevel = 80, 80, 40, 3
+
+
 def field_names(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 
@@ -77,7 +95,7 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
-            raise InputError(f"expected a list, got {value!r}", file=source, field=key)
+            raise InputError(f"expected a list, got {_short.repr(value)}", file=source, field=key)
         return [_coerce(v, item_type, key, source) for v in value]
     try:
         if hint is bool:
@@ -95,14 +113,17 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         if hint is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise InputError(f"expected a finite number, got {_short.repr(value)}", file=source, field=key)
+            return number
         if hint is str:
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         name = getattr(hint, "__name__", str(hint))
-        raise InputError(f"expected {name}, got {value!r}", file=source, field=key) from None
+        raise InputError(f"expected {name}, got {_short.repr(value)}", file=source, field=key) from None
     return value
 
 
@@ -114,9 +135,22 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "<config>")
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in valid:
-            raise InputError(f"unknown key '{raw_key}'.{_suggest(key, valid)}", file=source, field=str(raw_key))
+            shown = _short.repr(raw_key)[1:-1] if isinstance(raw_key, str) else _short.repr(raw_key)
+            raise InputError(f"unknown key '{shown}'.{_suggest(key[:100], valid)}", file=source, field=shown)
         kwargs[key] = _coerce(value, hints[key], key, source)
+        _check_range(key, kwargs[key], source)
     return cls(**kwargs)
+
+
+def _check_range(key: str, value: Any, source: str) -> None:
+    if value is None:
+        return
+    if key in CHOICES and value not in CHOICES[key]:
+        raise InputError(f"must be one of {', '.join(CHOICES[key])}, got {_short.repr(value)}", file=source, field=key)
+    if key in MINIMUM and value < MINIMUM[key]:
+        raise InputError(f"must be at least {MINIMUM[key]}, got {value}", file=source, field=key)
+    if key in MAXIMUM and value > MAXIMUM[key]:
+        raise InputError(f"must be at most {MAXIMUM[key]}, got {value}", file=source, field=key)
 
 
 def load_config(cls: type[C], config_file: str | None = None, overrides: dict[str, Any] | None = None) -> C:
@@ -128,9 +162,13 @@ def load_config(cls: type[C], config_file: str | None = None, overrides: dict[st
             raise InputError("config file not found", file=config_file)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: an int of > 4300 digits
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             raise InputError(f"not valid YAML: {exc}", file=config_file, line=None if line is None else line + 1) from None
+        except RecursionError:
+            raise InputError("not a usable config: nested too deeply", file=config_file) from None
+        except OSError as exc:
+            raise InputError(f"cannot read the config file: {exc.strerror or exc}", file=config_file) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

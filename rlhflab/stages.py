@@ -149,40 +149,31 @@ def print_eval(results: dict[str, Any], title: str) -> None:
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"  # run folder of the demo
+    out: str = "runs/demo"  # study folder of the demo: runs/, study.json, report.html, report.md
     task: str = "reviews"
     task_size: str = "small"  # small: ≈3M-parameter models (the demo); tiny: a fast smoke run
     cache_dir: str | None = None
     threads: int = 0
     progress: bool = True
+    study: str = "demo"  # a built-in study (demo | phases | frontier) or a study YAML file
+    seeds: list[int] = field(default_factory=lambda: [0])  # training seeds of every arm
 
 
-def demo(cfg: DemoConfig) -> None:
-    """pretrain → SFT → reward model → evaluate the SFT model on the task's 16 evaluation prompts."""
+def demo(cfg: DemoConfig) -> Path:
+    """The default study: SFT baseline, DPO, PPO and GRPO from the same SFT model and reward model, evaluated on
+    the task's 16 prompts; prints the report's path at the end."""
     import time
 
-    from rlhflab.training.loop import set_threads
+    from rlhflab.study.config import builtin_path, load_study
+    from rlhflab.study.runner import run_study
 
-    set_threads(cfg.threads)
     started = time.perf_counter()
-    a = TaskArtefacts(task=cfg.task, size=cfg.task_size, cache_dir=cfg.cache_dir, progress=cfg.progress)
-    sft_path = sft_model(a)
-    rm_path = task_reward_model(a)
-    rm_eval = json.loads((rm_path.parent / "eval.json").read_text())
-    results = evaluate(EvalStageConfig(out=str(Path(cfg.out) / "sft-eval"), task=cfg.task, task_size=cfg.task_size,
-                                       cache_dir=cfg.cache_dir, temperatures=[1.0], progress=cfg.progress))
-    block = results["temperatures"]["1"]["aggregate"]
-    summary = {
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "sft_wellformed_at_t1": 1 - block["malformed"]["mean"],
-        "sft_gold_reward_at_t1": block["gold"]["mean"],
-        "rm_heldout_accuracy": rm_eval["eval/accuracy"],
-        "sft_model": str(sft_path),
-        "reward_model": str(rm_path),
-    }
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1))
-    Console().print(summary)
+    source = cfg.study if cfg.study.endswith((".yaml", ".yml")) else str(builtin_path(cfg.study))
+    overrides = {"out": cfg.out, "task": cfg.task, "task_size": cfg.task_size, "cache_dir": cfg.cache_dir,
+                 "threads": cfg.threads, "progress": cfg.progress, "seeds": cfg.seeds}  # fmt: skip
+    report = run_study(load_study(source, overrides))
+    Console().print(f"demo finished in {time.perf_counter() - started:.0f} s; report: {report}")
+    return report
 
 
 def _rl_inputs(cfg: Any) -> tuple[Any, dict[str, Any]]:
@@ -193,6 +184,7 @@ def _rl_inputs(cfg: Any) -> tuple[Any, dict[str, Any]]:
     from rlhflab.rewards import load_reward_fn
 
     task = get_task(cfg.task) if cfg.task else None
+    reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # a bad spec fails before any build
     policy_path = resolve_model(cfg, sft_model)
     if cfg.data:
         prompts = [ex.prompt for ex in load_prompts(cfg.data)]
@@ -200,7 +192,6 @@ def _rl_inputs(cfg: Any) -> tuple[Any, dict[str, Any]]:
         prompts = task.train_prompts(cfg.num_prompts, seed=cfg.seed)
     else:
         raise InputError("give --data (a prompt-only file) or --task", field="data")
-    reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     rm_path = None if reward_fn else cfg.reward_model or (str(task_reward_model(artefacts(cfg))) if task else None)
     if reward_fn is None and rm_path is None:
         raise InputError("give --reward-fn FILE.py:NAME, --reward-model DIR or --task", field="reward_fn")

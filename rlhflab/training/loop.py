@@ -35,13 +35,15 @@ from transformers import get_scheduler
 
 from rlhflab.config import RunConfig
 from rlhflab.diagnostics.findings import Finding, FindingsLog, Monitor, NonFiniteMonitor
+from rlhflab.errors import InputError
+from rlhflab.training import faults
 from rlhflab.training.checkpoint import (
     CheckpointWriteError,
     find_resume_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from rlhflab.training.metrics import MetricsWriter
+from rlhflab.training.metrics import MetricsWriter, truncate_jsonl
 
 console = Console(stderr=True)
 
@@ -171,7 +173,7 @@ def train(
     if not cfg.resume:
         (out / "diagnostics.jsonl").write_text("")
     else:
-        _truncate_findings(out / "diagnostics.jsonl", start_step)
+        truncate_jsonl(out / "diagnostics.jsonl", start_step)
 
     def checkpoint_now(step: int) -> None:
         state = {
@@ -194,14 +196,24 @@ def train(
         task = progress.add_task(Path(cfg.out).name, total=cfg.max_steps, completed=start_step)
         for step in range(start_step, cfg.max_steps):
             model.train()
+            faults.before_step(step)
             plan = recipe.plan_step(step)
-            metrics, applied = _run_updates(plan, recipe, optimizer, scheduler, trainable, cfg.max_grad_norm)
+            # a step of several updates (PPO epochs, GRPO iterations) may go bad after some were applied:
+            # in skip mode the whole step is undone, so keep a copy of the state it started from
+            before = _snapshot(model, optimizer, scheduler) if cfg.on_nonfinite == "skip" and len(plan.updates) > 1 else None
+            metrics, applied = _run_updates(plan, recipe, optimizer, scheduler, trainable, cfg.max_grad_norm, step)
+            if not applied and before is not None:
+                model.load_state_dict(before["model"])
+                optimizer.load_state_dict(before["optimizer"])
+                scheduler.load_state_dict(before["scheduler"])
             metrics = {**plan.metrics, **metrics, "lr": scheduler.get_last_lr()[0]}
             if step == start_step and on_first_step is not None:
                 on_first_step(step)
             new_findings = [f for m in monitors for f in m.observe(step, metrics)]
-            metrics_writer.write(step, metrics, time.perf_counter() - started)
+            if step % cfg.log_every == 0 or step == cfg.max_steps - 1 or not applied:
+                metrics_writer.write(step, metrics, time.perf_counter() - started)
             findings.emit(new_findings)
+            faults.after_step(step)
             progress.update(task, completed=step + 1, description=_describe(metrics))
             if not applied:
                 consecutive_bad += 1
@@ -234,7 +246,7 @@ def train(
     return findings
 
 
-def _run_updates(plan: StepPlan, recipe: Recipe, optimizer, scheduler, trainable, max_grad_norm: float):
+def _run_updates(plan: StepPlan, recipe: Recipe, optimizer, scheduler, trainable, max_grad_norm: float, step: int):
     """Apply each update of the plan; return (metrics averaged by num_items, every update applied?)."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
@@ -245,7 +257,7 @@ def _run_updates(plan: StepPlan, recipe: Recipe, optimizer, scheduler, trainable
         update_loss = 0.0
         for mb in micro_batches:
             numerator, mb_metrics = recipe.loss(mb)
-            loss = numerator / total_items
+            loss = faults.poison(numerator / total_items, step)
             loss.backward()
             update_loss += loss.item()
             for key, value in mb_metrics.items():
@@ -265,20 +277,19 @@ def _run_updates(plan: StepPlan, recipe: Recipe, optimizer, scheduler, trainable
         optimizer.zero_grad(set_to_none=True)
         loss_total += update_loss
         grad_norms.append(grad_norm)
+        if not applied:
+            break  # the step is rejected as a whole: later updates of it would build on a bad one
     metrics = {k: sums[k] / weights[k] for k in sums}
-    metrics["loss"] = loss_total / len(plan.updates)
+    metrics["loss"] = loss_total / len(grad_norms)
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return metrics, applied
 
 
-def _truncate_findings(path: Path, keep_until_step: int) -> None:
-    """On resume, drop findings a killed run wrote after its last checkpoint (they will be re-derived)."""
-    import json
+def _snapshot(model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    import copy
 
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < keep_until_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()), "scheduler": copy.deepcopy(scheduler.state_dict())}
 
 
 def _describe(metrics: dict[str, float]) -> str:
@@ -310,8 +321,11 @@ def start_run(cfg: RunConfig) -> Path:
     from rlhflab.config import save_config
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    except OSError as exc:
+        raise InputError(f"cannot write the run folder: {exc.strerror or exc}", file=str(out), field="out") from None
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     return out

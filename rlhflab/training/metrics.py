@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,8 @@ class MetricsWriter:
         self.path = Path(out) / "metrics.jsonl"
         if keep_until_step is None:
             self.path.write_text("")
-        elif self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < keep_until_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        else:
+            truncate_jsonl(self.path, keep_until_step)
         self._file = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -46,6 +42,27 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_jsonl(path: Path, keep_until_step: int) -> None:
+    """On resume, keep only the lines of steps before `keep_until_step` (they will be re-derived).
+
+    A kill can tear the last line mid-write: unparsable lines are dropped. The file is replaced
+    atomically, so a kill during the truncation itself loses nothing.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < keep_until_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

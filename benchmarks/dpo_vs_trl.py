@@ -1,0 +1,217 @@
+"""rlhflab DPO vs TRL's DPOTrainer: same model folder, same JSONL pairs, same steps, one thread each.
+
+    .venv/bin/python benchmarks/dpo_vs_trl.py --size 5m --steps 30 [--batch-size 8] [--out /tmp/dpo_bench]
+
+Builds (once, under --out) a Llama of the given size with the `reviews` tokenizer and a JSONL of
+`reviews` preference pairs (each prompt + chosen + rejected, responses two reviews long), then
+runs each side as its own command, one after the other, with OMP_NUM_THREADS=1:
+
+    rlhflab:  rlhflab dpo --model M --data D --max-steps S --batch-size B --threads 1 ...
+    TRL:      DPOTrainer(DPOConfig(per_device_train_batch_size=B, max_steps=S, max_length=128, ...))
+              with its default live reference, and with precompute_ref_log_probs=True (--trl-precompute)
+
+and reports per side: the training loop's steps/s and pairs/s, pair tokens/s (|x| + |y_c| + |y_r|
+per pair: the same count for both sides), the whole command's time (start to exit: imports,
+tokenization, reference pass, training, saving) and its peak RSS (`os.wait4` of that child).
+Loop speeds are per CPU second of the loop (`time.process_time()` around rlhflab's `train` and
+TRL's `trainer.train()`): with one thread that is the wall time of an idle machine, and it does
+not depend on what else shares the cores. Command times are given as wall and CPU seconds. Both sides save the final
+model. TRL is needed only for its side (`pip install trl --no-deps` plus accelerate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {  # hidden, layers, heads, MLP width (vocab 512, tied embeddings)
+    "5m": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 768},
+    "30m": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "intermediate_size": 1728},
+}
+
+
+def prepare(root: Path, size: str, num_pairs: int) -> tuple[Path, Path, dict[str, float]]:
+    """A save_pretrained Llama of `size` and a pairs JSONL under `root` (reused when present)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhflab.models.tokenizer import train_tokenizer
+    from rlhflab.tasks.reviews import ReviewsTask
+
+    task = ReviewsTask()
+    model_dir, data = root / f"model-{size}", root / "pairs.jsonl"
+    tokenizer = None
+    if not data.exists():
+        pairs = task.constructed_pairs(2 * num_pairs, seed=0)
+        with data.open("w") as f:  # a longer prompt and responses (≈ the issue's 21 / 34 tokens)
+            for a, b in zip(pairs[0::2], pairs[1::2], strict=True):
+                row = {"prompt": a["prompt"] + " ." + a["chosen"] + " " + b["prompt"],
+                       "chosen": b["chosen"] + a["chosen"], "rejected": b["rejected"] + a["rejected"]}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+    if not model_dir.exists():
+        tokenizer = train_tokenizer(task.pretrain_corpus(4000, seed=0), vocab_size=512)
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
+            num_key_value_heads=SIZES[size]["num_attention_heads"], bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SIZES[size],
+        )  # fmt: skip
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    return model_dir, data, data_stats(model_dir, data)
+
+
+def data_stats(model_dir: Path, data: Path) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    n = [(len(tokenizer.encode(r["prompt"])) + 1, len(tokenizer.encode(r["chosen"])) + 1,
+          len(tokenizer.encode(r["rejected"])) + 1) for r in rows]  # fmt: skip
+    return {
+        "pairs": len(rows),
+        "prompt_tokens": sum(x for x, _, _ in n) / len(n),
+        "response_tokens": sum(c + r for _, c, r in n) / (2 * len(n)),
+        "pair_tokens": sum(x + c + r for x, c, r in n) / len(n),
+        "parameters": AutoModelForCausalLM.from_pretrained(model_dir).num_parameters(),
+    }
+
+
+def run_child(cmd: list[str], log: Path) -> tuple[float, float, float, int]:
+    """(wall seconds, CPU seconds, peak RSS MiB, exit code) of one command, measured from here."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    with log.open("w") as f:
+        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    cpu = usage.ru_utime + usage.ru_stime  # robust to other processes sharing the cores; wall is not
+    return time.perf_counter() - started, cpu, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+
+
+def run_rlhflab(model: Path, data: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--rlhflab-child", "dpo", "--model", str(model),
+           "--data", str(data), "--out", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--threads", "1", "--eval-fraction", "0", "--no-progress",
+           "--max-prompt-tokens", "64", "--max-completion-tokens", "64", "--no-share-reference-cache",
+           "--max-row-tokens", str(args.max_row_tokens)]  # fmt: skip
+    wall, cpu, rss, code = run_child(cmd, out.with_suffix(".log"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    loop = json.loads((out / "loop_cpu.json").read_text())
+    return {"loop_seconds": rows[-1]["time"], "loop_cpu": loop["loop_cpu"], "wall": wall, "cpu": cpu, "rss": rss,
+            "exit": code, "first_loss": rows[0]["loss"]}  # fmt: skip
+
+
+def rlhflab_child(cli_args: list[str]) -> None:
+    """`rlhflab dpo ...` as the CLI runs it, with the CPU seconds of the training loop recorded."""
+    import rlhflab.algorithms.dpo as dpo
+    from rlhflab.cli import app
+
+    train = dpo.train
+
+    def timed_train(cfg, *a, **kw):
+        started = time.process_time()
+        try:
+            return train(cfg, *a, **kw)
+        finally:
+            Path(cfg.out, "loop_cpu.json").write_text(json.dumps({"loop_cpu": time.process_time() - started}))
+
+    dpo.train = timed_train
+    app(cli_args, standalone_mode=False)
+
+
+def run_trl(model: Path, data: Path, out: Path, args: argparse.Namespace, precompute: bool) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--trl-child", "--model", str(model), "--data", str(data), "--out", str(out),
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr)]  # fmt: skip
+    wall, cpu, rss, code = run_child(cmd + (["--trl-precompute"] if precompute else []), out.with_suffix(".log"))
+    result = json.loads((out / "trl_result.json").read_text()) if code == 0 else {"loop_cpu": float("nan")}
+    return {**result, "wall": wall, "cpu": cpu, "rss": rss, "exit": code}
+
+
+def trl_child(args: argparse.Namespace) -> None:
+    """TRL's side, in its own process: load, train with DPOTrainer, save, write the loop time."""
+    import torch
+
+    torch.set_num_threads(1)
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    config = DPOConfig(
+        output_dir=args.out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=args.lr, max_length=128, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, dataloader_num_workers=0, precompute_ref_log_probs=args.trl_precompute,
+        lr_scheduler_type="cosine", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    dataset = load_dataset("json", data_files=args.data, split="train")
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    started = time.process_time()
+    output = trainer.train()
+    loop_cpu = time.process_time() - started
+    trainer.save_model(args.out + "/model")
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    result = {"loop_seconds": output.metrics["train_runtime"], "loop_cpu": loop_cpu, "first_loss": logs[0]["loss"]}
+    Path(args.out, "trl_result.json").write_text(json.dumps(result))
+
+
+def table(results: dict[str, dict[str, float]], stats: dict[str, float], args: argparse.Namespace) -> str:
+    pairs = args.steps * args.batch_size
+    base = results.get("rlhflab", next(iter(results.values())))
+    lines = ["| side | steps/s | pairs/s | pair tokens/s | command s (CPU s) | peak RSS MiB | rlhflab pairs/s × | "
+             "command × (CPU ×) | RSS × |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in results.items():
+        pps = pairs / r["loop_cpu"]
+        ratio = lambda a, b: f"{a / b:.2f}"  # noqa: E731
+        lines.append(
+            f"| {name} | {args.steps / r['loop_cpu']:.2f} | {pps:.1f} | {pps * stats['pair_tokens']:.0f} | "
+            f"{r['wall']:.1f} ({r['cpu']:.1f}) | {r['rss']:.0f} | {ratio(pairs / base['loop_cpu'], pps)} | "
+            f"{ratio(base['wall'], r['wall'])} ({ratio(base['cpu'], r['cpu'])}) | {ratio(base['rss'], r['rss'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="5m")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--max-row-tokens", type=int, default=256)
+    parser.add_argument("--num-pairs", type=int, default=1000)
+    parser.add_argument("--out", default="/tmp/dpo_bench")
+    parser.add_argument("--sides", default="rlhflab,trl,trl-precompute")
+    parser.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trl-precompute", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    if sys.argv[1:2] == ["--rlhflab-child"]:
+        return rlhflab_child(sys.argv[2:])
+    args = parser.parse_args()
+    if args.trl_child:
+        return trl_child(args)
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    model, data, stats = prepare(root, args.size, args.num_pairs)
+    print(json.dumps(stats), flush=True)
+    results = {}
+    for side in args.sides.split(","):
+        out = root / f"{side}-{args.size}"
+        if side == "rlhflab":
+            results[side] = run_rlhflab(model, data, out, args)
+        else:
+            results[side] = run_trl(model, data, out, args, precompute=side == "trl-precompute")
+        print(side, json.dumps(results[side]), flush=True)
+    print(f"\n{args.size}: {stats['parameters'] / 1e6:.2f}M parameters, {args.steps} steps × {args.batch_size} pairs, "
+          f"prompt {stats['prompt_tokens']:.1f} tokens, responses {stats['response_tokens']:.1f} tokens, one thread\n")  # fmt: skip
+    print(table(results, stats, args))
+
+
+if __name__ == "__main__":
+    main()

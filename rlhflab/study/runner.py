@@ -1,0 +1,182 @@
+"""`rlhflab study`: every arm × seed trained from the same shared artefacts, evaluated by the one suite.
+
+    OUT/study.yaml                 the resolved study config
+    OUT/runs/ARM/seed-S/           a run folder (config.yaml, metrics.jsonl, diagnostics.jsonl, model/)
+                       eval.json   the evaluation suite on the final model, sampled with eval_seed + S
+    OUT/study.json                 every number: intervals, paired differences, rankings, phase comparisons
+    OUT/report.html, report.md     the report (rlhflab report OUT rebuilds it)
+
+A run with model/ (for arms that train) and an eval.json made with the study's evaluation settings
+is finished and skipped on a rerun. A partial run restarts, or continues from its newest checkpoint
+with `--resume auto`. Arm × seed S of every arm samples its evaluation with the same seed, so the
+differences to the baseline are paired prompt by prompt and sample by sample.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from rlhflab.config import build_config, field_names, save_config, to_dict
+from rlhflab.study.config import ArmConfig, StudyConfig, arm_steps, expand_arms
+from rlhflab.study.registry import config_class, get_algorithm, stage_function
+from rlhflab.study.results import summarize_arms
+
+console = Console(stderr=True)
+
+
+def run_dir(cfg: StudyConfig, arm: ArmConfig, seed: int) -> Path:
+    return Path(cfg.out) / "runs" / arm.name / f"seed-{seed}"
+
+
+def eval_settings(cfg: StudyConfig, seed: int) -> dict[str, Any]:
+    """What makes an evaluation this study's: a change of any of these re-evaluates (but does not retrain)."""
+    return {"temperatures": cfg.temperatures, "samples_per_prompt": cfg.samples_per_prompt,
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.eval_seed + seed, "eval_prompts": cfg.eval_prompts}  # fmt: skip
+
+
+def is_evaluated(folder: Path, settings: dict[str, Any]) -> bool:
+    path = folder / "eval.json"
+    if not path.is_file():
+        return False
+    return json.loads(path.read_text()).get("study_eval", {}).get("settings") == settings
+
+
+def training_config(cfg: StudyConfig, arm: ArmConfig, seed: int, resume: bool) -> Any:
+    """The arm's config: its params over the algorithm's study defaults, then what the study fixes."""
+    algorithm = get_algorithm(arm.algorithm)
+    cls = config_class(algorithm)
+    data = {"preferences": cfg.preference_data, "prompts": cfg.prompt_data}.get(algorithm.data or "")
+    study_values = {
+        "out": str(run_dir(cfg, arm, seed)), "seed": seed, "max_steps": arm_steps(arm, cfg), "task": cfg.task,
+        "task_size": cfg.task_size, "cache_dir": cfg.cache_dir, "model": cfg.model, "data": data,
+        "reward_model": cfg.reward_model, "reward_fn": cfg.reward_fn, "threads": cfg.threads,
+        "progress": cfg.progress, "checkpoint_every": cfg.checkpoint_every, "resume": "auto" if resume else None,
+    }  # fmt: skip
+    valid = field_names(cls)
+    values = {k: v for k, v in dict(algorithm.defaults).items() if k in valid}
+    values.update(arm.params)
+    values.update({k: v for k, v in study_values.items() if k in valid})
+    return build_config(cls, values, source=f"arm {arm.name}")
+
+
+def train_arm(cfg: StudyConfig, arm: ArmConfig, seed: int) -> float:
+    """Train one arm × seed unless its model exists; returns the wall seconds spent (0 if skipped)."""
+    algorithm = get_algorithm(arm.algorithm)
+    folder = run_dir(cfg, arm, seed)
+    if algorithm.stage is None or (folder / "model").is_dir():
+        return 0.0
+    resume = cfg.resume == "auto" and folder.is_dir()
+    if folder.is_dir() and not resume:
+        shutil.rmtree(folder)  # a partial run restarts cleanly: no stale metrics or findings
+    console.print(f"[bold]{arm.name}[/] seed {seed}: training ({arm.algorithm}, {arm_steps(arm, cfg)} steps)")
+    started = time.perf_counter()
+    stage_function(algorithm)(training_config(cfg, arm, seed, resume))
+    return time.perf_counter() - started
+
+
+def evaluate_arm(cfg: StudyConfig, arm: ArmConfig, seed: int, train_seconds: float) -> None:
+    from rlhflab.stages import EvalStageConfig, evaluate
+
+    folder = run_dir(cfg, arm, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "eval.json").is_file():  # an algorithm's own end-of-run results are kept beside ours
+        (folder / "eval.json").replace(folder / "train_eval.json")
+    trained = get_algorithm(arm.algorithm).stage is not None
+    started = time.perf_counter()
+    evaluate(EvalStageConfig(
+        out=str(folder), task=cfg.task, task_size=cfg.task_size, cache_dir=cfg.cache_dir,
+        model=str(folder / "model") if trained else cfg.model, reference=cfg.model, reward_model=cfg.reward_model,
+        data=cfg.eval_prompts, temperatures=cfg.temperatures, samples_per_prompt=cfg.samples_per_prompt,
+        max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed + seed, threads=cfg.threads, progress=cfg.progress,
+    ))  # fmt: skip
+    results = json.loads((folder / "eval.json").read_text())
+    results["study_eval"] = {"settings": eval_settings(cfg, seed), "train_seconds": round(train_seconds, 1),
+                             "eval_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    (folder / "eval.json").write_text(json.dumps(results, indent=1))
+
+
+def build_shared_artefacts(cfg: StudyConfig) -> dict[str, Any]:
+    """Base, SFT and reward model (and the preference pairs) of the task, built once before any arm."""
+    if not cfg.task or cfg.model:
+        return {"sft_model": cfg.model, "reward_model": cfg.reward_model}
+    from rlhflab.pipeline import TaskArtefacts, reward_model, sft_model
+
+    artefacts = TaskArtefacts(task=cfg.task, size=cfg.task_size, cache_dir=cfg.cache_dir, progress=cfg.progress)
+    shared: dict[str, Any] = {"sft_model": str(sft_model(artefacts)), "reward_model": str(reward_model(artefacts))}
+    rm_eval = Path(shared["reward_model"]).parent / "eval.json"
+    if rm_eval.is_file():
+        shared["rm_heldout_accuracy"] = json.loads(rm_eval.read_text()).get("eval/accuracy")
+    console.print(f"shared artefacts: SFT {shared['sft_model']}, reward model {shared['reward_model']}")
+    return shared
+
+
+def arm_record(cfg: StudyConfig, arm: ArmConfig) -> dict[str, Any]:
+    """The arm as study.json lists it: its settings and its run folders (relative to the study folder)."""
+    trained = get_algorithm(arm.algorithm).stage is not None
+    return {"name": arm.name, "algorithm": arm.algorithm, "group": arm.group, "params": arm.params,
+            "max_steps": arm_steps(arm, cfg) if trained else 0,
+            "runs": [{"seed": s, "dir": str(run_dir(cfg, arm, s).relative_to(cfg.out))} for s in cfg.seeds]}  # fmt: skip
+
+
+def write_study_json(cfg: StudyConfig, arms: list[ArmConfig], wall_seconds: float,
+                     shared: dict[str, Any] | None = None) -> Path:
+    out = Path(cfg.out)
+    records = [arm_record(cfg, arm) for arm in arms]
+    absolute = [{**r, "runs": [{**run, "dir": str(out / run["dir"])} for run in r["runs"]]} for r in records]
+    numbers = summarize_arms(absolute, cfg.baseline or None, cfg.metric, cfg.bootstrap_resamples)
+    timings = {}
+    for record in absolute:
+        for run in record["runs"]:
+            path = Path(run["dir"]) / "eval.json"
+            if path.is_file():
+                timings[f"{record['name']}/seed-{run['seed']}"] = json.loads(path.read_text()).get("study_eval", {})
+    study = {"name": cfg.name, "kind": "study", "config": to_dict(cfg), "baseline": cfg.baseline or None,
+             "shared": shared or {}, "arms": records, "wall_seconds": round(wall_seconds, 1), "runs": timings,
+             **numbers}  # fmt: skip
+    (out / "study.json").write_text(json.dumps(study, indent=1))
+    return out / "study.json"
+
+
+def run_study(cfg: StudyConfig) -> Path:
+    """Run every arm × seed (skipping finished ones), write study.json and the report; returns the report
+    path (or study.json when report is off). A run stopped by a diagnostic is listed as failed (and retried
+    on the next invocation); the other runs go on."""
+    from rlhflab.training.loop import TrainingStopped, set_threads
+
+    set_threads(cfg.threads)
+    started = time.perf_counter()
+    arms = expand_arms(cfg, source=cfg.name)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "study.yaml")
+    shared = build_shared_artefacts(cfg)
+    failed: dict[str, str] = {}
+    for arm in arms:
+        for seed in cfg.seeds:
+            if is_evaluated(run_dir(cfg, arm, seed), eval_settings(cfg, seed)) and (
+                get_algorithm(arm.algorithm).stage is None or (run_dir(cfg, arm, seed) / "model").is_dir()
+            ):
+                console.print(f"[dim]{arm.name} seed {seed}: finished, skipped[/]")
+                continue
+            try:
+                seconds = train_arm(cfg, arm, seed)
+            except TrainingStopped as exc:  # a diagnostic stopped this run: the others still say something
+                console.print(f"[bold red]{arm.name} seed {seed} stopped:[/] {exc}")
+                failed[f"{arm.name}/seed-{seed}"] = str(exc)
+                continue
+            evaluate_arm(cfg, arm, seed, seconds)
+    path = write_study_json(cfg, arms, time.perf_counter() - started, {**shared, "failed": failed})
+    console.print(f"study: {path}")
+    if not cfg.report:
+        return path
+    from rlhflab.report.document import write_report
+
+    report = write_report(out)
+    console.print(f"report: {report}")
+    return report

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from rlhflab.core import sampling
 from rlhflab.core.packing import pack_groups, packed_forward, to_padded
 from rlhflab.core.sampling import sample
 
@@ -270,3 +271,64 @@ def test_pad_equal_to_eos(model, frequent_eos):
             assert frequent_eos not in completion and len(completion) == 12
         else:
             assert completion.index(frequent_eos) == len(completion) - 1  # EOS kept once, at the end
+
+
+def run_sample(model, *, generic: bool, monkeypatch, **kwargs):
+    """`sample`, forced onto the generic (model forward + DynamicCache) decode path if `generic`."""
+    with monkeypatch.context() as patch:
+        if generic:
+            patch.setattr(sampling, "_has_llama_layout", lambda *args: False)
+        return sample(model, PROMPTS, eos_token_id=63, pad_token_id=PAD, **kwargs)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query attention
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_static_cache_path_equals_generic_path(kv_heads, temperature, monkeypatch):
+    """The lean Llama decode step computes what the model's own forward computes."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    assert sampling._has_llama_layout(model, total_len=64)
+    fast, generic = (
+        run_sample(
+            model,
+            generic=generic,
+            monkeypatch=monkeypatch,
+            num_samples=3,
+            max_new_tokens=12,
+            temperature=temperature,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for generic in (False, True)
+    )
+    assert torch.equal(fast.completion_ids, generic.completion_ids)
+    assert torch.equal(fast.response_mask, generic.response_mask)
+    torch.testing.assert_close(fast.logps, generic.logps, atol=1e-5, rtol=1e-5)
+
+
+def test_other_architectures_fall_back_to_generic_path():
+    """GPT-2 (learned positions, fused c_attn) is not Llama-shaped: its own forward decodes it."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    assert not sampling._has_llama_layout(model, total_len=64)
+    out = sample(
+        model,
+        PROMPTS,
+        num_samples=2,
+        max_new_tokens=8,
+        temperature=0.7,
+        eos_token_id=63,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for n, completion in enumerate(out.completions()):
+        expected = full_forward_logps(model, PROMPTS[int(out.prompt_index[n])], completion, 0.7)
+        torch.testing.assert_close(out.logps[n, : len(completion)], expected, atol=1e-5, rtol=1e-5)

@@ -125,7 +125,8 @@ def sft_model(a: TaskArtefacts) -> Path:
 @torch.no_grad()
 def sample_preference_pairs(policy_path: Path, task_name: str, prompts: list[str], temperature: float, seed: int,
                             max_new_tokens: int) -> list[dict[str, str]]:
-    """Sample the policy twice per prompt and label each pair with the gold reward; ties are dropped.
+    """Sample the policy twice per prompt and label each pair with the gold reward; ties and pairs with an
+    empty completion are dropped.
 
     This is how the DPO paper built its IMDb sentiment pairs (a classifier playing the gold reward).
     """
@@ -143,7 +144,8 @@ def sample_preference_pairs(policy_path: Path, task_name: str, prompts: list[str
         rewards = task.gold_reward([p for p in chunk for _ in range(2)], texts)
         for i, prompt in enumerate(chunk):
             (a_text, b_text), (a_reward, b_reward) = texts[2 * i : 2 * i + 2], rewards[2 * i : 2 * i + 2]
-            if a_reward == b_reward or a_text == b_text:
+            # ties say nothing; an empty completion (EOS at once) has no place in TRL's format
+            if a_reward == b_reward or a_text == b_text or not a_text.strip() or not b_text.strip():
                 continue
             chosen, rejected = (a_text, b_text) if a_reward > b_reward else (b_text, a_text)
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})

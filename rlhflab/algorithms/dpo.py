@@ -11,8 +11,10 @@ binary cross-entropy over preference pairs. Per step:
           ─► core.losses.dpo_loss ─► Σ losses (÷ pairs of the step, by the loop) ─► TRL's metrics
 
 The prompt is computed once per pair (chosen and rejected attend to it but not to each other,
-positions restart after it: core/packing.py) and there is no padding except at row ends, so a
-pair costs |x| + |y_c| + |y_r| tokens where a padded two-row batch costs 2 · max(|x| + |y|).
+positions restart after it: core/packing.py) and there is no padding except at row ends (rows
+are balanced), so a pair costs |x| + |y_c| + |y_r| − 2 tokens (each response's last token is only
+a target) where a padded two-row batch costs 2 · max(|x| + |y|). The LM head runs only on the
+positions that predict a response token.
 The reference model is freed as soon as every pair the run will visit is cached.
 """
 
@@ -80,9 +82,9 @@ class DPOConfig(RunConfig):
 
 def pack_pairs(pairs: list[Pair], max_row_tokens: int, pad_token_id: int) -> PackedBatch:
     """Pair i becomes group i = (prompt, [chosen, rejected]): sequences 2i (chosen) and 2i + 1 (rejected)."""
-    return pack_groups(
-        [(c.prompt_ids, [c.completion_ids, r.completion_ids]) for c, r in pairs], max_row_tokens, pad_token_id
-    )
+    groups = [(c.prompt_ids, [c.completion_ids, r.completion_ids]) for c, r in pairs]
+    # only log-probs are needed, so each response's last token (a target, never an input) is left out
+    return pack_groups(groups, max_row_tokens, pad_token_id, trim_final_tokens=True)
 
 
 def pair_logps(model: torch.nn.Module, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:

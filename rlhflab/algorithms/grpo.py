@@ -26,6 +26,7 @@ import torch
 from rlhflab.algorithms.rollout import (
     PromptPool,
     Rollout,
+    RolloutConfig,
     SamplingSettings,
     completion_metrics,
     generate,
@@ -34,7 +35,6 @@ from rlhflab.algorithms.rollout import (
     rows_of,
     score,
 )
-from rlhflab.config import RunConfig
 from rlhflab.core.advantages import group_advantages, group_reward_std
 from rlhflab.core.kl import kl_k3
 from rlhflab.core.policy_loss import aggregate, ppo_clip_loss, ppo_clip_token_losses
@@ -45,29 +45,12 @@ from rlhflab.training.loop import StepPlan, console, save_final_model, start_run
 
 
 @dataclass
-class GRPOConfig(RunConfig):
-    lr: float = 2e-5
-    lr_schedule: str = "constant"
-    warmup_ratio: float = 0.0
-    max_steps: int = 100
-    batch_size: int = 8  # prompts per step; completions per step = batch_size × group_size
-    group_size: int = 8  # completions sampled per prompt (k)
-    max_new_tokens: int | None = None  # completion budget; default: the task's, else 32
-    max_prompt_tokens: int = 64  # longer prompts keep their last tokens
-    temperature: float = 1.0  # sampling temperature (log-probs for the ratio use the same)
-    top_p: float = 1.0
-    top_k: int = 0
+class GRPOConfig(RolloutConfig):
     beta: float = 0.04  # k3 KL-to-reference coefficient; 0: no reference model is loaded
-    clip_eps: float = 0.2  # ε: ratio clipped to [1 − ε, 1 + ε_high]
     clip_eps_high: float | None = None  # ε_high (DAPO clip-higher, e.g. 0.28); default: clip_eps
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     scale_rewards: str = "group"  # group | batch | none: divide centred rewards by the group's std, the batch's, or nothing
     num_iterations: int = 1  # optimizer updates per rollout batch (μ in the paper); > 1 computes old log-probs
-    reward_fn: str | None = None  # FILE.py:NAME or package.module:NAME; default: the reward model
-    reward_model: str | None = None  # reward model folder; default with --task: the task's reward model
-    num_prompts: int = 4000  # built-in tasks: training prompts to generate
-    task_size: str = "small"  # small | tiny: which cached task artefacts to start from
-    packed_row_tokens: int = 512  # longest packed row (prompt + its k completions share one row segment)
 
 
 class GRPORecipe:

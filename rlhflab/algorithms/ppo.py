@@ -27,6 +27,7 @@ import torch
 
 from rlhflab.algorithms.rollout import (
     PromptPool,
+    RolloutConfig,
     SamplingSettings,
     completion_metrics,
     generate,
@@ -36,7 +37,6 @@ from rlhflab.algorithms.rollout import (
     rows_of,
     score,
 )
-from rlhflab.config import RunConfig
 from rlhflab.core.advantages import gae, whiten
 from rlhflab.core.kl import get_kl_estimator
 from rlhflab.core.policy_loss import (
@@ -53,18 +53,9 @@ from rlhflab.training.loop import StepPlan, console, save_final_model, start_run
 
 
 @dataclass
-class PPOConfig(RunConfig):
-    lr: float = 2e-5
-    lr_schedule: str = "constant"
-    warmup_ratio: float = 0.0
-    max_steps: int = 100
+class PPOConfig(RolloutConfig):
     batch_size: int = 16  # prompts per rollout step; completions per step = batch_size × group_size
     group_size: int = 1  # completions sampled per prompt
-    max_new_tokens: int | None = None  # completion budget; default: the task's, else 32
-    max_prompt_tokens: int = 64
-    temperature: float = 1.0  # sampling temperature (log-probs use the same)
-    top_p: float = 1.0
-    top_k: int = 0
     kl_coef: float = 0.05  # β of the per-token KL penalty in the reward (initial value when adaptive)
     kl_estimator: str = "k1"  # k1 | k2 | k3: per-token KL in the reward
     adaptive_kl: bool = False  # adapt β towards target_kl (Ziegler et al. 2019)
@@ -72,7 +63,6 @@ class PPOConfig(RunConfig):
     kl_horizon: int = 10000  # adaptive controller: horizon in completions
     ppo_epochs: int = 4  # passes over each rollout batch
     num_minibatches: int = 1  # optimizer updates per pass
-    clip_eps: float = 0.2  # policy ratio clip ε
     clip_value: float = 0.2  # value clip around the rollout's values
     vf_coef: float = 0.1  # weight of the value loss
     gamma: float = 1.0  # GAE discount
@@ -80,11 +70,6 @@ class PPOConfig(RunConfig):
     whiten_rewards: bool = False  # whiten per-token rewards (scale only) before GAE
     missing_eos_penalty: float | None = None  # subtracted from the score of completions without EOS
     value_init: str = "reward_model"  # reward_model | policy: where the value model's weights come from
-    reward_fn: str | None = None  # FILE.py:NAME or package.module:NAME; default: the reward model
-    reward_model: str | None = None  # reward model folder; default with --task: the task's reward model
-    num_prompts: int = 4000  # built-in tasks: training prompts to generate
-    task_size: str = "small"  # small | tiny: which cached task artefacts to start from
-    packed_row_tokens: int = 512  # longest packed row
 
 
 class KLController:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from rlhflab.config import RunConfig
 from rlhflab.core.packing import (
     PackedBatch,
     check_attention_implementation,
@@ -30,6 +31,29 @@ from rlhflab.data.collate import TruncationCounter, tokenize_prompt
 from rlhflab.models.loading import token_scores
 from rlhflab.rewards import RewardFn, call_reward_fn, reward_model_scores
 from rlhflab.training.data_order import EpochSampler
+
+
+@dataclass
+class RolloutConfig(RunConfig):
+    """Fields PPO and GRPO share: what they sample, from which prompts, and how it is scored."""
+
+    lr: float = 2e-5
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    max_steps: int = 100
+    batch_size: int = 8  # prompts per step; completions per step = batch_size × group_size
+    group_size: int = 8  # completions sampled per prompt (k)
+    max_new_tokens: int | None = None  # completion budget; default: the task's, else 32
+    max_prompt_tokens: int = 64  # longer prompts keep their last tokens
+    temperature: float = 1.0  # sampling temperature (log-probs for the ratio use the same)
+    top_p: float = 1.0
+    top_k: int = 0
+    clip_eps: float = 0.2  # ε: policy ratio clipped to [1 − ε, 1 + ε]
+    reward_fn: str | None = None  # FILE.py:NAME or package.module:NAME; default: the reward model
+    reward_model: str | None = None  # reward model folder; default with --task: the task's reward model
+    num_prompts: int = 4000  # built-in tasks: training prompts to generate
+    task_size: str = "small"  # small | tiny: which cached task artefacts to start from
+    packed_row_tokens: int = 512  # longest packed row (a prompt and its k completions share one row segment)
 
 
 class PromptPool:

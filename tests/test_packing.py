@@ -52,9 +52,10 @@ def separate_token_logps(model, groups, temperature=1.0) -> list[torch.Tensor]:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("max_row_tokens", [1024, 20])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_packed_equals_separate_forwards(attn, max_row_tokens, temperature):
+@pytest.mark.parametrize("trim", [False, True])
+def test_packed_equals_separate_forwards(attn, max_row_tokens, temperature, trim):
     model = tiny_llama(attn)
-    packed = pack_groups(GROUPS, max_row_tokens=max_row_tokens, pad_token_id=0)
+    packed = pack_groups(GROUPS, max_row_tokens=max_row_tokens, pad_token_id=0, trim_final_tokens=trim)
     if max_row_tokens == 20:  # several rows, and several groups in some row
         assert packed.input_ids.shape[0] >= 2
         assert packed.input_ids.shape[0] < len(GROUPS)
@@ -84,9 +85,10 @@ def test_entropy_matches_full_softmax():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_gradients_match_separate_forwards(attn):
+@pytest.mark.parametrize("trim", [False, True])
+def test_gradients_match_separate_forwards(attn, trim):
     model = tiny_llama(attn)
-    packed = pack_groups(GROUPS, max_row_tokens=20)
+    packed = pack_groups(GROUPS, max_row_tokens=20, trim_final_tokens=trim)
     weights = torch.linspace(-1.0, 1.0, packed.num_sequences)  # a loss that weighs sequences differently
 
     model.zero_grad()
@@ -132,6 +134,28 @@ def test_indices_by_hand():
     ]
 
 
+def test_trim_final_tokens_leaves_out_only_last_tokens():
+    #  row: [p0 p1 p2 | a0 | q0 | c0]: a1, b0 and c1 are targets only (b has one token: no slot at all)
+    packed = pack_groups([([1, 2, 3], [[4, 5], [6]]), ([7], [[8, 9]])], trim_final_tokens=True)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 7, 8]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert packed.logit_index.tolist() == [2, 3, 2, 4, 5]
+    assert packed.target_ids.tolist() == [4, 5, 6, 8, 9]
+    assert packed.num_tokens == 9 and packed.num_computed_tokens == 6
+
+
+def test_rows_are_balanced_within_the_budget():
+    # group lengths 5 5 4 4 2, budget 12: first fit gives rows [5+5+2 | 4+4], padded to 12;
+    # balanced (longest first into the shortest row): [5+4+2 | 5+4], padded to 11
+    prompts = [[1] * 4, [2] * 4, [3] * 3, [4] * 3, [6]]
+    packed = pack_groups([(p, [[5]]) for p in prompts], max_row_tokens=12, pad_token_id=0)
+    assert packed.input_ids.shape == (2, 11)
+    assert packed.input_ids[0].tolist() == [1] * 4 + [5] + [3] * 3 + [5] + [6, 5]  # input order within a row
+    assert packed.input_ids[1].tolist() == [2] * 4 + [5] + [4] * 3 + [5] + [0, 0]
+    assert packed.group_index.tolist() == [0, 1, 2, 3, 4]  # numbering never depends on rows
+    assert packed.sequence_index.tolist() == [0, 2, 4, 1, 3]  # tokens in row order
+
+
 def test_padding_and_rows():
     packed = pack_groups(
         [([1, 2], [[3]]), ([4] * 5, [[5] * 6]), ([6], [[7]])], max_row_tokens=8, pad_token_id=63
@@ -148,6 +172,37 @@ def test_padding_and_rows():
     assert packed.num_tokens == 3 + 11 + 2
     assert packed.num_computed_tokens == 2 * 11
     assert packed.num_naive_tokens == 3 * 11
+
+
+def tiny_causal_lm(architecture: str):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{architecture}Config")(
+        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, head_dim=16,
+    )  # fmt: skip
+    return getattr(transformers, f"{architecture}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("architecture", ["Llama", "Mistral", "Qwen2", "Qwen3"])
+def test_head_only_where_needed_equals_full_logits(architecture):
+    """The LM head applied to gathered hidden states == the full forward's logits at those positions."""
+    from rlhflab.core.packing import HEAD_ONLY_WHERE_NEEDED, _gathered_logits
+
+    model = tiny_causal_lm(architecture)
+    assert type(model).__name__ in HEAD_ONLY_WHERE_NEEDED
+    packed = pack_groups(GROUPS, max_row_tokens=20)
+    with torch.no_grad():
+        fast = _gathered_logits(model, packed, packed.attention_mask)
+        full = model(
+            input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids
+        ).logits.flatten(0, 1)[packed.logit_index]
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # and against separate unpadded forwards
+        out = packed_forward(model, packed)
+        expected = torch.stack([t.sum() for t in separate_token_logps(model, GROUPS)])
+    torch.testing.assert_close(out.sequence_logps, expected, atol=1e-5, rtol=1e-5)
 
 
 class ShiftModel(torch.nn.Module):

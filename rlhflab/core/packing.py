@@ -121,19 +121,48 @@ def _first_fit_rows(lengths: list[int], max_row_tokens: int) -> list[list[int]]:
     return rows
 
 
+def _balanced_rows(lengths: list[int], max_row_tokens: int) -> list[list[int]]:
+    """First fit fixes the number of rows; then spread the groups evenly over that many rows.
+
+    Every row is padded to the longest, so a first-fit layout such as [250, 120] computes 500
+    tokens for 370. Longest-first into the currently shortest row (LPT) gives [185, 185]-like
+    rows and is kept when it is shorter and within the budget. Rows keep their groups in input
+    order and are ordered by their first group (sequence numbering never depends on rows).
+    """
+    rows = _first_fit_rows(lengths, max_row_tokens)
+    longest = max(sum(lengths[g] for g in row) for row in rows)
+    if len(rows) == 1 or longest > max_row_tokens:  # one row, or an oversize group: nothing to balance
+        return rows
+    balanced: list[list[int]] = [[] for _ in rows]
+    fill = [0] * len(rows)
+    for g in sorted(range(len(lengths)), key=lambda g: -lengths[g]):
+        r = fill.index(min(fill))
+        balanced[r].append(g)
+        fill[r] += lengths[g]
+    if max(fill) >= longest:
+        return rows
+    return sorted((sorted(row) for row in balanced), key=lambda row: row[0])
+
+
 def pack_groups(
     groups: list[Group],
     max_row_tokens: int = 1024,
     pad_token_id: int = 0,
     dtype: torch.dtype = torch.float32,
+    trim_final_tokens: bool = False,
 ) -> PackedBatch:
     """Pack (prompt, [completion, ...]) groups into rows with a prefix-sharing attention mask.
 
     Each group is ``prompt + c1 + ... + cn`` laid out contiguously (see the module docstring);
-    rows are filled first-fit up to `max_row_tokens` and padded with `pad_token_id` to the
+    rows are filled up to `max_row_tokens` (first fit, then balanced) and padded with `pad_token_id` to the
     longest row. `dtype` is the attention mask's dtype and must match the model's.
     Prompts must be non-empty (the first completion token needs a position to predict it);
     completions may be empty (they get a log-prob of 0 and length 0).
+
+    `trim_final_tokens` leaves each completion's last token out of the rows: it is only a target
+    (predicted by the token before it), predicts nothing itself and nothing attends to it, so
+    dropping it changes no log-prob and saves one token per completion. Use it when only the
+    completion log-probs are needed (DPO); `num_tokens` still counts every token of the groups.
     """
     if not groups:
         raise ValueError("pack_groups needs at least one group")
@@ -143,9 +172,11 @@ def pack_groups(
         if len(completions) == 0:
             raise ValueError(f"group {g}: no completions")
     lengths = [len(p) + sum(len(c) for c in cs) for p, cs in groups]
-    rows = _first_fit_rows(lengths, max_row_tokens)
+    cut = int(trim_final_tokens)  # tokens of each completion left out of the rows
+    laid_out = [len(p) + sum(max(len(c) - cut, 0) for c in cs) for p, cs in groups]
+    rows = _balanced_rows(laid_out, max_row_tokens)
     num_rows = len(rows)
-    row_len = max(sum(lengths[g] for g in row) for row in rows)
+    row_len = max(sum(laid_out[g] for g in row) for row in rows)
 
     input_ids = torch.full((num_rows, row_len), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((num_rows, row_len), dtype=torch.long)
@@ -173,7 +204,7 @@ def pack_groups(
             n_prompt = len(prompt)
             input_ids[r, start : start + n_prompt] = torch.tensor(prompt, dtype=torch.long)
             position_ids[r, start : start + n_prompt] = torch.arange(n_prompt)
-            group_tag[r, start : start + lengths[g]] = g
+            group_tag[r, start : start + laid_out[g]] = g
             last_prompt = r * row_len + start + n_prompt - 1  # flat index; predicts every c[0]
             offset = start + n_prompt
             for j, completion in enumerate(completions):
@@ -181,10 +212,11 @@ def pack_groups(
                 seq = first_sequence[g] + j
                 completion_lengths[seq] = n
                 group_index[seq] = g
-                if n:
-                    input_ids[r, offset : offset + n] = torch.tensor(completion, dtype=torch.long)
-                position_ids[r, offset : offset + n] = torch.arange(n_prompt, n_prompt + n)
-                segment_tag[r, offset : offset + n] = j + 1
+                width = max(n - cut, 0)  # slots this completion takes in the row
+                if width:
+                    input_ids[r, offset : offset + width] = torch.tensor(completion[:width], dtype=torch.long)
+                position_ids[r, offset : offset + width] = torch.arange(n_prompt, n_prompt + width)
+                segment_tag[r, offset : offset + width] = j + 1
                 # token i is predicted by token i-1 of the same completion, token 0 by the prompt.
                 flat = r * row_len + offset
                 if n:
@@ -192,7 +224,7 @@ def pack_groups(
                 target_ids += completion
                 sequence_index += [seq] * n
                 token_position += list(range(n))
-                offset += n
+                offset += width
             start = offset
 
     attention_mask = _additive_mask(group_tag, segment_tag, dtype)
@@ -244,6 +276,27 @@ def check_attention_implementation(model: torch.nn.Module) -> str:
     return impl
 
 
+# Causal LMs whose forward is exactly `lm_head(model(...).last_hidden_state)` (no logit scaling or
+# soft-capping); for them the head runs only on the positions that predict a completion token.
+HEAD_ONLY_WHERE_NEEDED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def _gathered_logits(model: torch.nn.Module, packed: PackedBatch, mask: torch.Tensor) -> torch.Tensor:
+    """Logits at `packed.logit_index`: [N_tok, V].
+
+    A full forward builds [R, L, V] logits, most of them at prompt, padding and last-token
+    positions that predict nothing; for the architectures above the backbone's hidden states are
+    gathered first ([N_tok, H]) and only those go through the LM head (same matmul per row, so
+    the same numbers). Any other model takes the full forward.
+    """
+    inputs = {"input_ids": packed.input_ids, "attention_mask": mask, "position_ids": packed.position_ids}
+    if type(model).__name__ in HEAD_ONLY_WHERE_NEEDED:
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
+        return model.lm_head(hidden.flatten(0, 1)[packed.logit_index])  # [N_tok, V]
+    logits = model(**inputs, use_cache=False).logits  # [R, L, V]
+    return logits.flatten(0, 1)[packed.logit_index]  # [N_tok, V]
+
+
 def packed_forward(
     model: torch.nn.Module,
     packed: PackedBatch,
@@ -263,13 +316,7 @@ def packed_forward(
     model_dtype = next(model.parameters()).dtype
     if mask.dtype != model_dtype:  # re-express 0 / min in the model's dtype
         mask = torch.zeros_like(mask, dtype=model_dtype).masked_fill_(mask != 0, torch.finfo(model_dtype).min)
-    logits = model(
-        input_ids=packed.input_ids,
-        attention_mask=mask,
-        position_ids=packed.position_ids,
-        use_cache=False,
-    ).logits  # [R, L, V]
-    logits = logits.flatten(0, 1)[packed.logit_index].float()  # [N_tok, V]
+    logits = _gathered_logits(model, packed, mask).float()  # [N_tok, V]
     if temperature != 1.0:
         logits = logits / temperature
     log_norm = torch.logsumexp(logits, dim=-1)  # [N_tok]

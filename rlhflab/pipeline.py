@@ -40,7 +40,7 @@ class TaskArtefacts:
     size: str = "small"  # small: the demo (≈3M parameters); tiny: ≈1M parameters, few steps
     seed: int = 0
     cache_dir: str | None = None  # default $RLHFLAB_CACHE or ~/.cache/rlhflab
-    pair_prompts: int = 2400  # preference pairs: prompts sampled twice each by the SFT model (ties dropped)
+    pair_prompts: int = 4800  # preference pairs: prompts sampled twice each by the SFT model (ties dropped)
     pair_temperature: float = 1.0
     progress: bool = True
 

@@ -27,9 +27,13 @@ Pair = tuple[TokenizedExample, TokenizedExample]  # (chosen, rejected), same pro
 
 @dataclass
 class RewardModelConfig(RunConfig):
-    lr: float = 5e-4
-    max_steps: int = 150
+    lr: float = 1e-3
+    max_steps: int = 300
     batch_size: int = 32  # pairs per step
+    warmup_ratio: float = 0.02
+    # Measured on reviews: clipping at 1.0 held the first 100 steps at 55% train accuracy against 69% without;
+    # the Bradley-Terry loss is bounded and lr 1e-3 stayed stable unclipped (docs/notes.md, "Reward model").
+    max_grad_norm: float = 0.0
     max_prompt_tokens: int = 64
     max_completion_tokens: int = 64
     eval_fraction: float = 0.1  # held-out share of the pairs, for pairwise accuracy

@@ -139,3 +139,15 @@ def test_a_stopped_run_is_reported_and_the_study_goes_on(study):
     assert list(result["shared"]["failed"]) == ["broken/seed-0"]
     assert set(result["temperatures"]["1"]["summary"]) == {"sft", "stub"}
     assert "Run broken/seed-0 stopped" in report.read_text()
+
+
+def test_changed_arm_params_retrain_instead_of_reusing_the_old_run(study):
+    from rlhflab.study.config import expand_arms
+    from rlhflab.study.runner import is_trained
+
+    cfg = study
+    run_study(cfg)
+    arm = next(a for a in expand_arms(cfg, source="test") if a.algorithm != "sft")
+    assert is_trained(cfg, arm, cfg.seeds[0])
+    changed = replace(arm, params={**arm.params, "lr": 0.123})
+    assert not is_trained(cfg, changed, cfg.seeds[0])

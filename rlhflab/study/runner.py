@@ -6,8 +6,8 @@
     OUT/study.json                 every number: intervals, paired differences, rankings, phase comparisons
     OUT/report.html, report.md     the report (rlhflab report OUT rebuilds it)
 
-A run with model/ (for arms that train) and an eval.json made with the study's evaluation settings
-is finished and skipped on a rerun. A partial run restarts, or continues from its newest checkpoint
+A run with model/ (for arms that train) whose config.yaml matches the arm's settings, and an eval.json
+made with the study's evaluation settings, is finished and skipped on a rerun; a changed param retrains. A partial run restarts, or continues from its newest checkpoint
 with `--resume auto`. Arm × seed S of every arm samples its evaluation with the same seed, so the
 differences to the baseline are paired prompt by prompt and sample by sample.
 """
@@ -65,13 +65,29 @@ def training_config(cfg: StudyConfig, arm: ArmConfig, seed: int, resume: bool) -
     return build_config(cls, values, source=f"arm {arm.name}")
 
 
+def is_trained(cfg: StudyConfig, arm: ArmConfig, seed: int) -> bool:
+    """The run has its final model and was trained with exactly this arm's settings (a changed param retrains)."""
+    folder = run_dir(cfg, arm, seed)
+    if get_algorithm(arm.algorithm).stage is None:
+        return True
+    if not (folder / "model").is_dir() or not (folder / "config.yaml").is_file():
+        return False
+    import yaml
+
+    saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    # compare what the arm sets (a stage may fill in other fields, e.g. a task's completion budget)
+    expected = {**arm.params, "max_steps": arm_steps(arm, cfg), "seed": seed}
+    resolved = to_dict(build_config(config_class(get_algorithm(arm.algorithm)), expected, source=f"arm {arm.name}"))
+    return all(saved.get(k) == resolved[k] for k in expected)
+
+
 def train_arm(cfg: StudyConfig, arm: ArmConfig, seed: int) -> float:
-    """Train one arm × seed unless its model exists; returns the wall seconds spent (0 if skipped)."""
+    """Train one arm × seed unless it is trained as configured; returns the wall seconds spent (0 if skipped)."""
     algorithm = get_algorithm(arm.algorithm)
     folder = run_dir(cfg, arm, seed)
-    if algorithm.stage is None or (folder / "model").is_dir():
+    if algorithm.stage is None or is_trained(cfg, arm, seed):
         return 0.0
-    resume = cfg.resume == "auto" and folder.is_dir()
+    resume = cfg.resume == "auto" and folder.is_dir() and not (folder / "model").is_dir()
     if folder.is_dir() and not resume:
         shutil.rmtree(folder)  # a partial run restarts cleanly: no stale metrics or findings
     console.print(f"[bold]{arm.name}[/] seed {seed}: training ({arm.algorithm}, {arm_steps(arm, cfg)} steps)")
@@ -159,9 +175,7 @@ def run_study(cfg: StudyConfig) -> Path:
     failed: dict[str, str] = {}
     for arm in arms:
         for seed in cfg.seeds:
-            if is_evaluated(run_dir(cfg, arm, seed), eval_settings(cfg, seed)) and (
-                get_algorithm(arm.algorithm).stage is None or (run_dir(cfg, arm, seed) / "model").is_dir()
-            ):
+            if is_evaluated(run_dir(cfg, arm, seed), eval_settings(cfg, seed)) and is_trained(cfg, arm, seed):
                 console.print(f"[dim]{arm.name} seed {seed}: finished, skipped[/]")
                 continue
             try:

@@ -181,6 +181,8 @@ def run_study(cfg: StudyConfig) -> Path:
             try:
                 seconds = train_arm(cfg, arm, seed)
             except TrainingStopped as exc:  # a diagnostic stopped this run: the others still say something
+                if exc.exit_code == 130:  # a stop signal stops the study, not just this arm
+                    raise
                 console.print(f"[bold red]{arm.name} seed {seed} stopped:[/] {exc}")
                 failed[f"{arm.name}/seed-{seed}"] = str(exc)
                 continue

@@ -83,6 +83,8 @@ def seed_everything(seed: int) -> None:
 
 def set_threads(threads: int) -> None:
     torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+    # Denormal floats (e.g. tiny updates to a zero-initialised value head) can make CPU matmuls many times slower.
+    torch.set_flush_denormal(True)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -11,7 +11,7 @@ $(BIN)/rlhflab: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,parity]'
 	touch $@
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-slow lint
 setup: $(BIN)/rlhflab
 
 demo: setup
@@ -19,6 +19,10 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -n 2 -q
+
+# Real-process kill/resume matrix and other slow tests (about 3 minutes on 2 cores).
+test-slow: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -n 2 -q -m slow
 
 lint: setup
 	$(BIN)/ruff check .

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
 
 from rlhflab.core.packing import check_attention_implementation, pack_groups, packed_forward, to_padded
 
@@ -18,23 +18,6 @@ GROUPS = [
     ([20], [[21, 22, 23, 24, 25, 26, EOS], [27, EOS]]),
     ([30, 31, 32, 33], [[34, 35], []]),
 ]
-
-
-def tiny_llama(attn_implementation: str, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=256,
-    )
-    config._attn_implementation = attn_implementation
-    model = LlamaForCausalLM(config)
-    model.set_attn_implementation(attn_implementation)
-    return model.eval()
 
 
 def separate_token_logps(model, groups, temperature=1.0) -> list[torch.Tensor]:

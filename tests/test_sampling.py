@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhflab.core import sampling
@@ -10,20 +11,6 @@ from rlhflab.core.sampling import sample
 
 PAD = 0
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17], [20, 21, 22, 23, 24], [30]]
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

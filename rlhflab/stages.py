@@ -74,11 +74,16 @@ def sft(cfg: SFTConfig) -> Path:
     return path
 
 
-def reward_model(cfg: RewardModelConfig) -> Path:
+def _preference_inputs(cfg: Any) -> tuple[str, Any, list]:
+    """(SFT model path, tokenizer, tokenized pairs) from --model/--data, else the task's SFT model and pairs."""
     model_path = resolve_model(cfg, sft_model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     data = cfg.data or str(preference_pairs(artefacts(cfg)))
-    pairs = _tokenize_all(tokenize_preference, tokenizer, load_preferences(data), cfg)
+    return model_path, tokenizer, _tokenize_all(tokenize_preference, tokenizer, load_preferences(data), cfg)
+
+
+def reward_model(cfg: RewardModelConfig) -> Path:
+    model_path, tokenizer, pairs = _preference_inputs(cfg)
     path, result = run_reward_model(cfg, load_scalar_model(model_path, cfg.trust_remote_code), tokenizer, pairs)
     console.print(f"reward model: {path} (held-out pairwise accuracy {result['eval/accuracy']:.3f})")
     return path
@@ -233,10 +238,7 @@ def dpo(cfg: Any) -> Path:
     """DPO from the SFT model (--model, else the task's) on --data, else the task's cached preference pairs."""
     from rlhflab.algorithms.dpo import run_dpo
 
-    model_path = resolve_model(cfg, sft_model)
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    data = cfg.data or str(preference_pairs(artefacts(cfg)))
-    pairs = _tokenize_all(tokenize_preference, tokenizer, load_preferences(data), cfg)
+    model_path, tokenizer, pairs = _preference_inputs(cfg)
 
     def load_reference() -> Any:  # the reference is the starting policy, loaded only while needed
         return load_causal_lm(model_path, cfg.trust_remote_code)

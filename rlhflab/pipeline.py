@@ -26,7 +26,7 @@ from rlhflab.algorithms.pretrain import PretrainConfig, run_pretrain
 from rlhflab.algorithms.reward_model import RewardModelConfig, run_reward_model
 from rlhflab.algorithms.sft import SFTConfig, run_sft
 from rlhflab.core.sampling import sample
-from rlhflab.data.collate import tokenize_preference, tokenize_sft
+from rlhflab.data.collate import tokenize_preference, tokenize_prompt, tokenize_sft
 from rlhflab.data.loading import from_records, load_preferences
 from rlhflab.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
 from rlhflab.tasks import get_task
@@ -137,7 +137,7 @@ def sample_preference_pairs(policy_path: Path, task_name: str, prompts: list[str
     pairs = []
     for start in range(0, len(prompts), 128):
         chunk = prompts[start : start + 128]
-        ids = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+        ids = [tokenize_prompt(tokenizer, p, None).prompt_ids for p in chunk]
         samples = sample(model, ids, num_samples=2, max_new_tokens=max_new_tokens, temperature=temperature,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator)
         texts = [tokenizer.decode([t for t in c if t != tokenizer.eos_token_id]) for c in samples.completions()]

@@ -18,7 +18,7 @@ import torch
 
 from rlhflab.core.logprobs import sequence_logps
 from rlhflab.core.sampling import sample
-from rlhflab.data.collate import TokenizedExample, collate_sequences
+from rlhflab.data.collate import TokenizedExample, collate_sequences, tokenize_prompt
 from rlhflab.evaluation.stats import summarize
 from rlhflab.models.loading import last_token_scores, token_scores
 
@@ -33,11 +33,6 @@ class EvalConfig:
     seed: int = 1234  # sampling seed: the same for every model, so comparisons are paired
     batch_size: int = 64  # rows per scoring forward
     examples_per_prompt: int = 2  # completions kept in the output for reports
-
-
-def _encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
 
 
 @torch.no_grad()
@@ -74,7 +69,7 @@ def evaluate(
     reference: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Evaluate `policy` on `prompts`; returns {"temperatures": {"0.7": {"aggregate": ..., "per_prompt": [...]}}}."""
-    prompt_ids = [_encode_prompt(tokenizer, p) for p in prompts]
+    prompt_ids = [tokenize_prompt(tokenizer, p, None).prompt_ids for p in prompts]  # the collator's BOS rule
     num_prompts, n = len(prompts), cfg.samples_per_prompt
     results: dict[str, Any] = {"num_prompts": num_prompts, "samples_per_prompt": n, "temperatures": {}}
     for t_index, temperature in enumerate(cfg.temperatures):

@@ -59,6 +59,7 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("cosine", "linear", "constant"),
     "on_nonfinite": ("stop", "skip"),
+    "pooling": ("last", "mean"),
 }
 MINIMUM: dict[str, int | float] = {
     "seed": 0, "max_steps": 0, "batch_size": 1, "grad_accum": 1, "lr": 0.0, "warmup_ratio": 0.0, "min_lr_ratio": 0.0,

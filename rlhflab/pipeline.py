@@ -176,7 +176,7 @@ def reward_model(a: TaskArtefacts) -> Path:
 
     def build(tmp: Path) -> None:
         tokenizer = load_tokenizer(str(parent))
-        model = load_scalar_model(str(parent))
+        model = load_scalar_model(str(parent), random_head=True)
         pairs = [
             tokenize_preference(tokenizer, ex, cfg.max_prompt_tokens, cfg.max_completion_tokens)
             for ex in load_preferences(str(pairs_file))

@@ -22,7 +22,7 @@ import torch
 
 from rlhflab.data.collate import TokenizedExample, collate_sequences
 from rlhflab.errors import InputError
-from rlhflab.models.loading import last_token_scores, token_scores
+from rlhflab.models.loading import sequence_scores
 
 RewardFn = Callable[[list[Any], list[str]], list[float]]
 
@@ -88,7 +88,7 @@ def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[str]) -> 
 @torch.no_grad()
 def reward_model_scores(model: torch.nn.Module, prompt_ids: list[list[int]], completions: list[list[int]],
                         pad_token_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Score r(x, y) of each (prompt, completion) at the completion's last token: [N] float32.
+    """Score r(x, y) of each (prompt, completion), pooled as the model says (`sequence_scores`): [N] float32.
 
     Completions carry their EOS where the policy emitted one; a truncated completion is scored at its
     last token (the PPO recipe subtracts `missing_eos_penalty` from those, as TRL does).
@@ -99,7 +99,6 @@ def reward_model_scores(model: torch.nn.Module, prompt_ids: list[list[int]], com
     scores = []
     for start in range(0, len(rows), batch_size):
         batch = collate_sequences(rows[start : start + batch_size], pad_token_id)
-        per_token = token_scores(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # [B, T]
-        scores.append(last_token_scores(per_token, batch["attention_mask"]).float())
+        scores.append(sequence_scores(model, batch).float())
     model.train(was_training)
     return torch.cat(scores)

@@ -84,7 +84,8 @@ def _preference_inputs(cfg: Any) -> tuple[str, Any, list]:
 
 def reward_model(cfg: RewardModelConfig) -> Path:
     model_path, tokenizer, pairs = _preference_inputs(cfg)
-    path, result = run_reward_model(cfg, load_scalar_model(model_path, cfg.trust_remote_code), tokenizer, pairs)
+    model = load_scalar_model(model_path, cfg.trust_remote_code, random_head=True)
+    path, result = run_reward_model(cfg, model, tokenizer, pairs)
     console.print(f"reward model: {path} (held-out pairwise accuracy {result['eval/accuracy']:.3f})")
     return path
 

@@ -1,9 +1,18 @@
 """Tokenizer and model presets of the embedded default."""
 
 import pytest
+import torch
 
+from rlhflab.data.collate import TokenizedExample, collate_sequences
 from rlhflab.errors import InputError
-from rlhflab.models.loading import PRESETS, build_model, load_causal_lm, load_scalar_model, token_scores
+from rlhflab.models.loading import (
+    PRESETS,
+    build_model,
+    load_causal_lm,
+    load_scalar_model,
+    sequence_scores,
+    token_scores,
+)
 from rlhflab.models.tokenizer import train_tokenizer
 from rlhflab.tasks import get_task
 
@@ -45,3 +54,28 @@ def test_pickle_weights_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not safetensors")
     with pytest.raises(InputError, match="safetensors"):
         load_causal_lm(str(tmp_path))
+
+
+def test_sequence_scores_pool_as_the_model_config_says(corpus, tmp_path):
+    tokenizer = train_tokenizer(corpus, vocab_size=256)
+    build_model("tiny", tokenizer).save_pretrained(tmp_path)
+    scalar = load_scalar_model(str(tmp_path), random_head=True).eval()
+    std = scalar.score.weight.std().item()
+    assert 0.5 < std * scalar.config.hidden_size**0.5 < 1.5  # normal(0, 1/sqrt(hidden)), not zero
+    rows = [TokenizedExample([1, 7, 8, 9], [10, 11, 2]), TokenizedExample([1, 7], [12, 2]), TokenizedExample([1], [2])]
+    batch = collate_sequences(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        # reference: each row alone, unpadded; its per-token scores over the completion positions
+        ids = [torch.tensor([r.prompt_ids + r.completion_ids]) for r in rows]
+        alone = [token_scores(scalar, i, torch.ones_like(i))[0] for i in ids]
+        last = torch.stack([s[-1] for s in alone])
+        mean = torch.stack([s[len(r.prompt_ids):].mean() for s, r in zip(alone, rows, strict=True)])
+        assert torch.allclose(sequence_scores(scalar, batch), last, atol=1e-5)  # no config: transformers' rule
+        scalar.config.score_pooling = "mean"
+        assert torch.allclose(sequence_scores(scalar, batch), mean, atol=1e-5)
+        assert not torch.allclose(mean, last, atol=1e-3)
+    scalar.save_pretrained(tmp_path / "rm")
+    assert load_scalar_model(str(tmp_path / "rm")).config.score_pooling == "mean"  # saved with the model
+    scalar.config.score_pooling = "cls"
+    with pytest.raises(InputError, match="score_pooling"):
+        sequence_scores(scalar, batch)

@@ -1,10 +1,12 @@
 """Bradley-Terry reward model: P(chosen ≻ rejected) = σ(r(x, y_c) − r(x, y_r)).
 
-    pairs ─► one padded batch [chosen rows; rejected rows] ─► scalar at each row's last token (EOS)
-          ─► loss = −log σ(r_c − r_r), summed ÷ pairs of the step
+    pairs ─► one padded batch [chosen rows; rejected rows] ─► a scalar per token ─► r(x, y): their mean over
+          the response ("mean") or the one at the last token ("last") ─► loss = −log σ(r_c − r_r),
+          summed ÷ pairs of the step
 
 The model is the policy's backbone with a scalar head (`AutoModelForSequenceClassification`),
-so it shares the tokenizer and loads straight back into transformers.
+so it shares the tokenizer and loads straight back into transformers; the pooling is saved in its
+config (`score_pooling`) and every scorer in rlhflab reads it (`models.loading.sequence_scores`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from rlhflab.config import RunConfig
 from rlhflab.core.losses import bradley_terry_loss
 from rlhflab.data.collate import TokenizedExample, collate_preference_pairs
-from rlhflab.models.loading import last_token_scores, token_scores
+from rlhflab.models.loading import sequence_scores
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
 from rlhflab.training.loop import StepPlan, save_final_model, start_run, train
 
@@ -28,12 +30,15 @@ Pair = tuple[TokenizedExample, TokenizedExample]  # (chosen, rejected), same pro
 @dataclass
 class RewardModelConfig(RunConfig):
     lr: float = 1e-3
-    max_steps: int = 300
+    max_steps: int = 400
     batch_size: int = 32  # pairs per step
     warmup_ratio: float = 0.02
     # Measured on reviews: clipping at 1.0 held the first 100 steps at 55% train accuracy against 69% without;
     # the Bradley-Terry loss is bounded and lr 1e-3 stayed stable unclipped (docs/notes.md, "Reward model").
     max_grad_norm: float = 0.0
+    # "mean" over response tokens: 0.85 held-out accuracy on reviews against 0.75 for "last" (transformers'
+    # rule) at the same budget (docs/notes.md, "Reward model"); "last" for parity with other toolkits.
+    pooling: str = "mean"
     max_prompt_tokens: int = 64
     max_completion_tokens: int = 64
     eval_fraction: float = 0.1  # held-out share of the pairs, for pairwise accuracy
@@ -51,10 +56,9 @@ def score_pairs(model: torch.nn.Module, pairs: list[Pair], pad_token_id: int, ba
 
 
 def _pair_scores(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = token_scores(model, batch["input_ids"], batch["attention_mask"])  # [2B, T]
-    last = last_token_scores(scores, batch["attention_mask"])  # [2B]: the score at each row's EOS
+    scores = sequence_scores(model, batch)  # [2B]: chosen rows, then rejected rows
     n = batch["num_pairs"]
-    return last[:n], last[n:]
+    return scores[:n], scores[n:]
 
 
 class RewardModelRecipe:
@@ -100,6 +104,7 @@ class RewardModelRecipe:
 def run_reward_model(cfg: RewardModelConfig, model: torch.nn.Module, tokenizer: Any, pairs: list[Pair]):
     """Train on all but `eval_fraction` of the pairs; write held-out accuracy to eval.json; save the model."""
     out = start_run(cfg)
+    model.config.score_pooling = cfg.pooling  # saved with the model: every scorer pools the same way
     n_eval = max(1, int(len(pairs) * cfg.eval_fraction)) if len(pairs) > 1 else 0
     train_pairs, eval_pairs = pairs[n_eval:], pairs[:n_eval]
     train(cfg, RewardModelRecipe(model, train_pairs, cfg, tokenizer.pad_token_id))

@@ -20,7 +20,7 @@ from rlhflab.core.logprobs import sequence_logps
 from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TokenizedExample, collate_sequences, tokenize_prompt
 from rlhflab.evaluation.stats import summarize
-from rlhflab.models.loading import last_token_scores, token_scores
+from rlhflab.models.loading import sequence_scores
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -38,14 +38,13 @@ class EvalConfig:
 @torch.no_grad()
 def _sequence_scores(model: torch.nn.Module, rows: list[TokenizedExample], pad_token_id: int, batch_size: int,
                      scalar: bool) -> np.ndarray:
-    """log π(completion | prompt) for a causal LM, or the score at the last token for a scalar model."""
+    """log π(completion | prompt) for a causal LM, or r(x, y) for a scalar model (its own pooling)."""
     model.eval()
     out = []
     for start in range(0, len(rows), batch_size):
         batch = collate_sequences(rows[start : start + batch_size], pad_token_id)
         if scalar:
-            scores = token_scores(model, batch["input_ids"], batch["attention_mask"])
-            out.append(last_token_scores(scores, batch["attention_mask"]))
+            out.append(sequence_scores(model, batch))
         else:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out.append(sequence_logps(logits, batch["input_ids"], batch["response_mask"]))

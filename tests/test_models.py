@@ -59,9 +59,8 @@ def test_pickle_weights_are_refused(tmp_path):
 def test_sequence_scores_pool_as_the_model_config_says(corpus, tmp_path):
     tokenizer = train_tokenizer(corpus, vocab_size=256)
     build_model("tiny", tokenizer).save_pretrained(tmp_path)
-    scalar = load_scalar_model(str(tmp_path), random_head=True).eval()
-    std = scalar.score.weight.std().item()
-    assert 0.5 < std * scalar.config.hidden_size**0.5 < 1.5  # normal(0, 1/sqrt(hidden)), not zero
+    scalar = load_scalar_model(str(tmp_path)).eval()
+    torch.nn.init.normal_(scalar.score.weight)  # a trained head (a fresh one is zero: every score 0)
     rows = [TokenizedExample([1, 7, 8, 9], [10, 11, 2]), TokenizedExample([1, 7], [12, 2]), TokenizedExample([1], [2])]
     batch = collate_sequences(rows, tokenizer.pad_token_id)
     with torch.no_grad():

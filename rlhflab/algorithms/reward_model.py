@@ -105,6 +105,12 @@ def run_reward_model(cfg: RewardModelConfig, model: torch.nn.Module, tokenizer: 
     """Train on all but `eval_fraction` of the pairs; write held-out accuracy to eval.json; save the model."""
     out = start_run(cfg)
     model.config.score_pooling = cfg.pooling  # saved with the model: every scorer pools the same way
+    if not model.score.weight.any():
+        # A zero head passes no gradient to the backbone (∂loss/∂hidden = w) until the head itself has grown:
+        # that held the reward model at loss ln 2 for ~120 of its 300 steps (docs/notes.md). Seeded: same run, same head.
+        generator = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            model.score.weight.normal_(0.0, model.score.weight.shape[-1] ** -0.5, generator=generator)
     n_eval = max(1, int(len(pairs) * cfg.eval_fraction)) if len(pairs) > 1 else 0
     train_pairs, eval_pairs = pairs[n_eval:], pairs[:n_eval]
     train(cfg, RewardModelRecipe(model, train_pairs, cfg, tokenizer.pad_token_id))

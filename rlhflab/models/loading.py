@@ -79,14 +79,11 @@ def load_causal_lm(path: str, trust_remote_code: bool = False, dtype: torch.dtyp
         raise InputError(f"cannot load a causal LM: {exc}", file=path) from None
 
 
-def load_scalar_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-                      random_head: bool = False) -> PreTrainedModel:
+def load_scalar_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A model with one scalar output per token (reward or value model): `AutoModelForSequenceClassification`.
 
-    From a causal-LM folder the backbone is loaded and the scalar head (`score`) is new: zero (a value
-    model that predicts 0 everywhere), or with `random_head` normal(0, 1/√hidden). A reward model
-    needs the random head: a zero head passes no gradient to the backbone until the head itself has
-    grown, which held a reward model at loss ln 2 for 120 of its 300 steps (docs/notes.md).
+    From a causal-LM folder the backbone is loaded and the scalar head (`score`) starts at zero, so
+    a fresh value model predicts 0 everywhere (reward-model training draws its own head, seeded).
     """
     _check_source(path)
     try:
@@ -98,11 +95,7 @@ def load_scalar_model(path: str, trust_remote_code: bool = False, dtype: torch.d
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if not _is_scalar_folder(path):
-        with torch.no_grad():
-            if random_head:
-                model.score.weight.normal_(0.0, model.score.weight.shape[-1] ** -0.5)
-            else:
-                model.score.weight.zero_()
+        torch.nn.init.zeros_(model.score.weight)
     return model
 
 

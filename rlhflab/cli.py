@@ -21,6 +21,8 @@ from rlhflab.errors import InputError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
+# Commands whose training runs data-parallel under torchrun; any other would run N copies into one folder.
+DATA_PARALLEL_COMMANDS = ("pretrain", "sft", "rm", "dpo")
 
 
 def _quiet_libraries() -> None:
@@ -31,13 +33,17 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _run(ctx: typer.Context, config_cls: Callable[[], type], stage: Callable[[Any], Any]) -> None:
+def _run(ctx: typer.Context, name: str, config_cls: Callable[[], type], stage: Callable[[Any], Any]) -> None:
     """Parse options into the stage's config, run it, and turn user errors into exit code 2."""
     from rlhflab.config import load_config, parse_cli_overrides
+    from rlhflab.training.distributed import launched
     from rlhflab.training.loop import TrainingStopped
 
     _quiet_libraries()
     try:
+        if launched() and name not in DATA_PARALLEL_COMMANDS:
+            raise InputError(f"rlhflab {name} under torchrun is not supported yet; data-parallel commands: "
+                             f"{', '.join(DATA_PARALLEL_COMMANDS)}. Run it as one process.")
         config_file, overrides = parse_cli_overrides(list(ctx.args))
         cfg = load_config(config_cls(), config_file, overrides)
         stage(cfg)
@@ -70,7 +76,7 @@ def _command(name: str, config_path: str, stage_path: str, summary: str, args_pa
 
             typer.echo(f"rlhflab {name}: {summary}\n\nOptions:\n{describe_fields(load(config_path))}")
             raise typer.Exit(0)
-        _run(ctx, lambda: load(config_path), load(stage_path))
+        _run(ctx, name, lambda: load(config_path), load(stage_path))
 
     command.__doc__ = summary
     app.command(name, context_settings={**EXTRA, "help_option_names": []})(command)

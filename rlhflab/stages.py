@@ -23,6 +23,7 @@ from rlhflab.models.loading import load_causal_lm, load_scalar_model, load_token
 from rlhflab.pipeline import TaskArtefacts, base_model, preference_pairs, sft_model
 from rlhflab.pipeline import reward_model as task_reward_model
 from rlhflab.tasks import get_task
+from rlhflab.training.distributed import data_parallel
 
 console = Console(stderr=True)
 
@@ -56,7 +57,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             raise InputError("pretraining needs documents in the `text` format", file=cfg.data, field="text")
     else:
         documents = get_task(artefacts(cfg).task).pretrain_corpus(cfg.num_documents, seed=cfg.seed)
-    path = run_pretrain(cfg, documents)
+    with data_parallel():
+        path = run_pretrain(cfg, documents)
     console.print(f"base model: {path}")
     return path
 
@@ -69,7 +71,8 @@ def sft(cfg: SFTConfig) -> Path:
     else:
         loaded = from_records(get_task(cfg.task).sft_examples(cfg.num_examples, seed=cfg.seed), "sft", source=f"task {cfg.task}")
     examples = _tokenize_all(tokenize_sft, tokenizer, loaded, cfg)
-    path = run_sft(cfg, load_causal_lm(model_path, cfg.trust_remote_code), tokenizer, examples)
+    with data_parallel():  # under torchrun; prerequisites above were built by one process
+        path = run_sft(cfg, load_causal_lm(model_path, cfg.trust_remote_code), tokenizer, examples)
     console.print(f"SFT model: {path}")
     return path
 
@@ -84,8 +87,9 @@ def _preference_inputs(cfg: Any) -> tuple[str, Any, list]:
 
 def reward_model(cfg: RewardModelConfig) -> Path:
     model_path, tokenizer, pairs = _preference_inputs(cfg)
-    model = load_scalar_model(model_path, cfg.trust_remote_code, random_head=True)
-    path, result = run_reward_model(cfg, model, tokenizer, pairs)
+    with data_parallel():
+        model = load_scalar_model(model_path, cfg.trust_remote_code)
+        path, result = run_reward_model(cfg, model, tokenizer, pairs)
     console.print(f"reward model: {path} (held-out pairwise accuracy {result['eval/accuracy']:.3f})")
     return path
 
@@ -245,7 +249,8 @@ def dpo(cfg: Any) -> Path:
         return load_causal_lm(model_path, cfg.trust_remote_code)
 
     task = get_task(cfg.task) if cfg.task else None
-    path, results = run_dpo(cfg, load_reference(), tokenizer, pairs, load_reference, task)
+    with data_parallel():
+        path, results = run_dpo(cfg, load_reference(), tokenizer, pairs, load_reference, task)
     if "eval/rewards/accuracies" in results:
         console.print(f"held-out implicit-reward accuracy {results['eval/rewards/accuracies']:.3f}")
     console.print(f"DPO policy: {path}")

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from rlhflab.training import distributed
+
 
 class EpochSampler:
     def __init__(self, num_examples: int, seed: int, shuffle: bool = True):
@@ -50,6 +52,10 @@ class EpochSampler:
 
 
 def split_micro_batches(items: list[Any], grad_accum: int) -> list[list[Any]]:
-    """Split one optimizer step's examples into `grad_accum` nearly equal micro-batches."""
-    size = -(-len(items) // max(grad_accum, 1))
+    """Split one optimizer step's examples into `grad_accum` nearly equal micro-batches per process.
+
+    In a data-parallel run every process plans the whole step, so this gives grad_accum × processes
+    micro-batches and the loop trains each process on its block of them (training/distributed.py).
+    """
+    size = -(-len(items) // (max(grad_accum, 1) * distributed.world_size()))
     return [items[i : i + size] for i in range(0, len(items), size)]

@@ -36,7 +36,7 @@ from transformers import get_scheduler
 from rlhflab.config import RunConfig
 from rlhflab.diagnostics.findings import Finding, FindingsLog, Monitor, NonFiniteMonitor
 from rlhflab.errors import InputError
-from rlhflab.training import faults
+from rlhflab.training import distributed, faults
 from rlhflab.training.checkpoint import (
     CheckpointWriteError,
     find_resume_checkpoint,
@@ -82,7 +82,7 @@ def seed_everything(seed: int) -> None:
 
 
 def set_threads(threads: int) -> None:
-    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+    torch.set_num_threads(threads if threads > 0 else distributed.default_threads(os.cpu_count() or 1))
     # Denormal floats (e.g. tiny updates to a zero-initialised value head) can make CPU matmuls many times slower.
     torch.set_flush_denormal(True)
 
@@ -140,7 +140,20 @@ def train(
     monitors: list[Monitor] | None = None,
     on_first_step: Callable[[int], None] | None = None,
 ) -> FindingsLog:
-    """Run `cfg.max_steps` steps of `recipe` into `cfg.out`; resumable; returns the findings."""
+    """Run `cfg.max_steps` steps of `recipe` into `cfg.out`; resumable; returns the findings.
+
+    Inside `distributed.data_parallel()` under torchrun the steps are data-parallel (see
+    training/distributed.py) and processes other than rank 0 end when training is done
+    (`distributed.RunContinuesOnMain`).
+    """
+    world = distributed.world_size()
+    if world > 1 and cfg.batch_size % (cfg.grad_accum * world):  # one process keeps uneven micro-batches
+        raise InputError(
+            f"with {world} processes the batch must split into grad_accum ({cfg.grad_accum}) equal micro-batches "
+            f"per process: make it a multiple of {cfg.grad_accum * world}",
+            field="batch_size",
+        )
+    main = distributed.is_main()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model = recipe.model
@@ -170,101 +183,120 @@ def train(
                 monitor.load_state_dict(monitor_state)
             _set_rng_state(state["rng"])
             start_step = state["step"]
-            console.print(f"resuming from {checkpoint} at step {start_step}")
-    metrics_writer = MetricsWriter(out, keep_until_step=start_step if cfg.resume else None)
-    if not cfg.resume:
+            if main:
+                console.print(f"resuming from {checkpoint} at step {start_step}")
+    metrics_writer = MetricsWriter(out, keep_until_step=start_step if cfg.resume else None, enabled=main)
+    if main and not cfg.resume:
         (out / "diagnostics.jsonl").write_text("")
-    else:
+    elif main:
         truncate_jsonl(out / "diagnostics.jsonl", start_step)
 
     def checkpoint_now(step: int) -> None:
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "recipe": recipe.state_dict(),
-            "monitors": [m.state_dict() for m in monitors],
-            "rng": _rng_state(),
-        }
-        try:
-            save_checkpoint(out, step, model, state, keep=cfg.keep_checkpoints)
-        except CheckpointWriteError as exc:
-            raise TrainingStopped(f"{exc}. The previous checkpoint is intact; free space and resume.", 1) from exc
+        error = None
+        if main:  # every process holds the same state: rank 0 writes it
+            state = {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "recipe": recipe.state_dict(),
+                "monitors": [m.state_dict() for m in monitors],
+                "rng": _rng_state(),
+            }
+            try:
+                save_checkpoint(out, step, model, state, keep=cfg.keep_checkpoints)
+            except CheckpointWriteError as exc:
+                error = exc
+        # every process learns whether the write worked, and none runs on while it is written
+        if not distributed.all_true(error is None):
+            message = error or "rank 0 could not write a checkpoint"
+            raise TrainingStopped(f"{message}. The previous checkpoint is intact; free space and resume.", 1) from error
 
     consecutive_bad = 0
     started = time.perf_counter()
     progress = _progress(cfg, start_step)
-    with _StopSignal() as stop, progress:
-        task = progress.add_task(Path(cfg.out).name, total=cfg.max_steps, completed=start_step)
-        for step in range(start_step, cfg.max_steps):
-            model.train()
-            faults.before_step(step)
-            plan = recipe.plan_step(step)
-            # a step of several updates (PPO epochs, GRPO iterations) may go bad after some were applied:
-            # in skip mode the whole step is undone, so keep a copy of the state it started from
-            before = _snapshot(model, optimizer, scheduler) if cfg.on_nonfinite == "skip" and len(plan.updates) > 1 else None
-            metrics, applied = _run_updates(plan, recipe, optimizer, scheduler, trainable, cfg.max_grad_norm, step)
-            if not applied and before is not None:
-                model.load_state_dict(before["model"])
-                optimizer.load_state_dict(before["optimizer"])
-                scheduler.load_state_dict(before["scheduler"])
-            metrics = {**plan.metrics, **metrics, "lr": scheduler.get_last_lr()[0]}
-            if step == start_step and on_first_step is not None:
-                on_first_step(step)
-            new_findings = [f for m in monitors for f in m.observe(step, metrics)]
-            if step % cfg.log_every == 0 or step == cfg.max_steps - 1 or not applied:
-                metrics_writer.write(step, metrics, time.perf_counter() - started)
-            findings.emit(new_findings)
-            faults.after_step(step)
-            progress.update(task, completed=step + 1, description=_describe(metrics))
-            if not applied:
-                consecutive_bad += 1
-                if cfg.on_nonfinite == "stop" or consecutive_bad > cfg.max_nonfinite_skips:
+    with distributed.process_group(agreed=(TrainingStopped,)):
+        loss_fn = distributed.wrap_loss(recipe)
+        with _StopSignal() as stop, progress:
+            task = progress.add_task(Path(cfg.out).name, total=cfg.max_steps, completed=start_step)
+            for step in range(start_step, cfg.max_steps):
+                model.train()
+                faults.before_step(step)
+                plan = recipe.plan_step(step)
+                # a step of several updates (PPO epochs, GRPO iterations) may go bad after some were applied:
+                # in skip mode the whole step is undone, so keep a copy of the state it started from
+                before = _snapshot(model, optimizer, scheduler) if cfg.on_nonfinite == "skip" and len(plan.updates) > 1 else None
+                metrics, applied = _run_updates(plan, loss_fn, optimizer, scheduler, trainable, cfg.max_grad_norm, step)
+                if not applied and before is not None:
+                    model.load_state_dict(before["model"])
+                    optimizer.load_state_dict(before["optimizer"])
+                    scheduler.load_state_dict(before["scheduler"])
+                metrics = {**plan.metrics, **metrics, "lr": scheduler.get_last_lr()[0]}
+                if step == start_step and on_first_step is not None:
+                    on_first_step(step)
+                new_findings = [f for m in monitors for f in m.observe(step, metrics)]
+                if step % cfg.log_every == 0 or step == cfg.max_steps - 1 or not applied:
+                    metrics_writer.write(step, metrics, time.perf_counter() - started)
+                if main:
+                    findings.emit(new_findings)
+                faults.after_step(step)
+                progress.update(task, completed=step + 1, description=_describe(metrics))
+                if not applied:
+                    consecutive_bad += 1
+                    if cfg.on_nonfinite == "stop" or consecutive_bad > cfg.max_nonfinite_skips:
+                        metrics_writer.close()
+                        raise TrainingStopped(
+                            f"non-finite loss or gradients at step {step} (train.nonfinite); the last good "
+                            f"checkpoint is kept in {out / 'checkpoints'}",
+                            3,
+                        )
+                else:
+                    consecutive_bad = 0
+                errors = [f for f in new_findings if f.severity == "error" and f.code != "train.nonfinite"]
+                if errors:
+                    metrics_writer.close()
+                    raise TrainingStopped(f"{errors[0].code}: {errors[0].message}", 3)
+                done = step + 1
+                received = int(distributed.all_reduce([float(stop.received or 0)], op="max")[0])  # any process's
+                if received:
+                    checkpoint_now(done)
                     metrics_writer.close()
                     raise TrainingStopped(
-                        f"non-finite loss or gradients at step {step} (train.nonfinite); the last good "
-                        f"checkpoint is kept in {out / 'checkpoints'}",
-                        3,
+                        f"stopped by signal {received} after step {done}; resume with the same command plus "
+                        f"--resume auto (out: {out})",
+                        130,
                     )
-            else:
-                consecutive_bad = 0
-            errors = [f for f in new_findings if f.severity == "error" and f.code != "train.nonfinite"]
-            if errors:
-                metrics_writer.close()
-                raise TrainingStopped(f"{errors[0].code}: {errors[0].message}", 3)
-            done = step + 1
-            if stop.received is not None:
-                checkpoint_now(done)
-                metrics_writer.close()
-                raise TrainingStopped(
-                    f"stopped by signal {stop.received} after step {done}; resume with the same command plus "
-                    f"--resume auto (out: {out})",
-                    130,
-                )
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-                checkpoint_now(done)
-    checkpoint_now(cfg.max_steps)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                    checkpoint_now(done)
+        checkpoint_now(cfg.max_steps)
     metrics_writer.close()
+    distributed.leave_unless_main()
     return findings
 
 
-def _run_updates(plan: StepPlan, recipe: Recipe, optimizer, scheduler, trainable, max_grad_norm: float, step: int):
-    """Apply each update of the plan; return (metrics averaged by num_items, every update applied?)."""
+def _run_updates(plan: StepPlan, loss_fn, optimizer, scheduler, trainable, max_grad_norm: float, step: int):
+    """Apply each update of the plan; return (metrics averaged by num_items, every update applied?).
+
+    `loss_fn` is `recipe.loss` (through DDP under torchrun, where each process runs its share of
+    every update's micro-batches and the loss and metrics are summed over processes).
+    """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     applied = True
     loss_total, grad_norms = 0.0, []
     for micro_batches in plan.updates:
-        total_items = float(sum(mb["num_items"] for mb in micro_batches))
+        total_items = float(sum(mb["num_items"] for mb in micro_batches))  # the whole update's, on every process
         update_loss = 0.0
-        for mb in micro_batches:
-            numerator, mb_metrics = recipe.loss(mb)
-            loss = faults.poison(numerator / total_items, step)
-            loss.backward()
+        mine = distributed.share(micro_batches)
+        for i, mb in enumerate(mine):
+            with distributed.gradient_sync(last=i == len(mine) - 1):
+                numerator, mb_metrics = loss_fn(mb)
+                loss = faults.poison(numerator / total_items, step)
+                distributed.backward(loss)
             update_loss += loss.item()
             for key, value in mb_metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * mb["num_items"]
                 weights[key] = weights.get(key, 0.0) + mb["num_items"]
+        update_loss = distributed.all_reduce([update_loss])[0]  # each process summed its share's part
         if max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm).item()
         else:
@@ -281,7 +313,9 @@ def _run_updates(plan: StepPlan, recipe: Recipe, optimizer, scheduler, trainable
         grad_norms.append(grad_norm)
         if not applied:
             break  # the step is rejected as a whole: later updates of it would build on a bad one
-    metrics = {k: sums[k] / weights[k] for k in sums}
+    keys = list(sums)  # the same keys in the same order on every process: one recipe, same micro-batch kinds
+    totals = distributed.all_reduce([sums[k] for k in keys] + [weights[k] for k in keys])
+    metrics = {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys)}
     metrics["loss"] = loss_total / len(grad_norms)
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return metrics, applied
@@ -308,14 +342,15 @@ def _progress(cfg: RunConfig, start_step: int):
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=not cfg.progress,
+        disable=not cfg.progress or not distributed.is_main(),
         transient=True,
     )
 
 
 def emit_finding(out: Path, finding: Finding) -> None:
     """Record a finding raised outside the loop (e.g. a set-up check) in the run's diagnostics.jsonl."""
-    FindingsLog(Path(out) / "diagnostics.jsonl", console).emit([finding])
+    if distributed.is_main():
+        FindingsLog(Path(out) / "diagnostics.jsonl", console).emit([finding])
 
 
 def start_run(cfg: RunConfig) -> Path:
@@ -325,7 +360,8 @@ def start_run(cfg: RunConfig) -> Path:
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        if distributed.is_main():
+            save_config(cfg, out / "config.yaml")
     except OSError as exc:
         raise InputError(f"cannot write the run folder: {exc.strerror or exc}", file=str(out), field="out") from None
     set_threads(cfg.threads)

@@ -15,22 +15,30 @@ def _jsonable(value: float) -> Any:
 
 
 class MetricsWriter:
-    """Appends `{"step", "time", **metrics}` lines; on resume drops lines a killed run wrote after its checkpoint."""
+    """Appends `{"step", "time", **metrics}` lines; on resume drops lines a killed run wrote after its checkpoint.
 
-    def __init__(self, out: Path, keep_until_step: int | None = None, tensorboard: bool = True):
+    `enabled=False` (processes other than rank 0 under torchrun) writes nothing.
+    """
+
+    def __init__(self, out: Path, keep_until_step: int | None = None, tensorboard: bool = True, enabled: bool = True):
         self.path = Path(out) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
         if keep_until_step is None:
             self.path.write_text("")
         else:
             truncate_jsonl(self.path, keep_until_step)
         self._file = self.path.open("a", encoding="utf-8")
-        self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=keep_until_step)
 
     def write(self, step: int, metrics: dict[str, float], elapsed: float) -> None:
+        if self._file is None:
+            return
         row = {"step": step, "time": round(elapsed, 3), **{k: _jsonable(float(v)) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -39,7 +47,8 @@ class MetricsWriter:
                 self._tb.add_scalar(key, float(value), step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

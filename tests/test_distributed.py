@@ -1,0 +1,209 @@
+"""Data parallelism (training/distributed.py): N processes with a global batch B train as one process with B.
+
+The multi-process test is one torchrun launch of 2 processes (gloo, one thread each) that runs, one
+after another: SFT, SFT stopped by a SIGTERM sent to rank 1 alone and then resumed, a reward model
+and DPO (2 micro-batches per process). Each is checked against the same command run as one process
+here (the independent reference): the same losses and metrics step by step, the same findings and
+the same final weights, to float tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from typer.testing import CliRunner
+
+from rlhflab.cli import app
+from rlhflab.config import RunConfig
+from rlhflab.errors import InputError
+from rlhflab.training import distributed
+from rlhflab.training.data_order import split_micro_batches
+from rlhflab.training.loop import train
+from rlhflab.training.metrics import read_metrics
+
+# Wall time differs between any two runs; packing efficiency and the reward model's reward_std (a standard
+# deviation within each micro-batch) depend on how a step is cut into micro-batches.
+UNCOMPARABLE = {"time", "tokens_per_second", "packing/efficiency", "reward_std"}
+
+# One torchrun worker: rlhflab commands one after another. Processes other than rank 0 leave a command
+# with RunContinuesOnMain when its training is done; a fault is injected into one rank only.
+WORKER = r"""
+import json, os, sys
+from rlhflab.cli import app
+from rlhflab.training.distributed import RunContinuesOnMain
+
+for run in json.loads(sys.argv[1]):
+    os.environ.pop("RLHFLAB_FAULTS", None)
+    if run.get("fault_rank") == os.environ["RANK"]:
+        os.environ["RLHFLAB_FAULTS"] = run["fault"]
+    try:
+        code = app(run["args"], standalone_mode=False)
+    except RunContinuesOnMain:
+        code = "left"
+    os.write(1, f"RESULT {os.environ['RANK']} {run['name']} {code or 0}\n".encode())  # one write: lines stay whole
+"""
+
+
+@pytest.fixture
+def world(monkeypatch):
+    """Pretend to be rank 1 of 2 inside data_parallel(), without a process group."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with distributed.data_parallel():
+        yield
+
+
+def test_one_process_is_untouched(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    items = list(range(5))
+    with distributed.data_parallel():
+        assert distributed.world_size() == 1 and distributed.is_main()
+        assert distributed.share(items) is items
+        assert distributed.all_reduce([1.5, 2.0]) == [1.5, 2.0]
+        assert distributed.default_threads(16) == 16
+
+
+def test_torchrun_outside_data_parallel_is_one_process(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.launched()
+    assert distributed.world_size() == 1 and distributed.is_main()  # e.g. prerequisites built before training
+
+
+def test_each_process_takes_its_block_of_the_step(world):
+    assert distributed.world_size() == 2 and not distributed.is_main()
+    # grad_accum micro-batches per process: the step is planned whole, rank 1 trains on the second half
+    step = split_micro_batches(list(range(8)), grad_accum=2)
+    assert step == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert distributed.share(step) == [[4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="3 micro-batches"):
+        distributed.share([[0], [1], [2]])
+    assert distributed.default_threads(16) == 8
+    assert distributed.default_threads(1) == 1
+
+
+def test_batch_must_split_evenly_over_processes(world, tmp_path):
+    cfg = RunConfig(out=str(tmp_path / "run"), batch_size=6, grad_accum=2, progress=False)
+    with pytest.raises(InputError, match="multiple of 4"):
+        train(cfg, recipe=None)  # refused before anything is built
+
+
+def test_cli_refuses_commands_that_are_not_data_parallel(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["grpo", "--task", "arithmetic"])
+    assert result.exit_code == 2
+    assert "grpo under torchrun is not supported yet" in " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, str]:
+    """A tiny Llama with its tokenizer (save_pretrained), the same as a scalar model (its head saved, not drawn
+    at load time), 16 SFT examples and 24 preference pairs."""
+    from rlhflab.models.tokenizer import train_tokenizer
+    from rlhflab.tasks.reviews import ReviewsTask
+
+    root = tmp_path_factory.mktemp("dp-inputs")
+    task = ReviewsTask()
+    tokenizer = train_tokenizer(task.pretrain_corpus(400, seed=0), vocab_size=160)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    LlamaForSequenceClassification(LlamaConfig(**config.to_dict(), num_labels=1)).save_pretrained(root / "scalar")
+    for folder in ("model", "scalar"):
+        tokenizer.save_pretrained(root / folder)
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task.sft_examples(16, seed=0)))
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task.constructed_pairs(24, seed=0)))
+    return {"model": str(root / "model"), "scalar": str(root / "scalar"), "sft": str(root / "sft.jsonl"),
+            "pairs": str(root / "pairs.jsonl")}
+
+
+def _args(command: str, inputs: dict[str, str], out: Path, *extra: str) -> list[str]:
+    """6 steps of 4 examples (16 SFT examples: the run crosses an epoch boundary), checkpoints every 2."""
+    data = inputs["sft"] if command == "sft" else inputs["pairs"]
+    model = inputs["scalar"] if command == "rm" else inputs["model"]
+    args = [command, "--model", model, "--data", data, "--out", str(out), "--seed", "1", "--threads", "1",
+            "--no-progress", "--max-steps", "6", "--batch-size", "4", "--lr", "1e-2", "--checkpoint-every", "2"]
+    if command == "dpo":
+        args += ["--eval-every", "3", "--cache-dir", str(out.parent / f"cache-{out.name}")]
+    return [*args, *extra]
+
+
+def _assert_same_run(one: Path, two: Path) -> None:
+    """Same metrics line by line (to float tolerance), same findings, same final weights."""
+    rows_one, rows_two = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]  # one line per step: rank 0 alone writes
+    for a, b in zip(rows_one, rows_two, strict=True):
+        a = {k: v for k, v in a.items() if k not in UNCOMPARABLE}
+        b = {k: v for k, v in b.items() if k not in UNCOMPARABLE}
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), f"step {a['step']}"
+    findings = [[json.loads(line)["code"] for line in (run / "diagnostics.jsonl").read_text().splitlines()]
+                for run in (one, two)]  # fmt: skip
+    assert findings[0] == findings[1]
+    w1, w2 = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def _launch(args: list[str], env: dict[str, str], timeout: float = 240) -> tuple[str, str, int]:
+    """torchrun with 2 processes. On a timeout torchrun gets SIGTERM, on which it ends its workers (each in a
+    session of its own, so killing torchrun alone would leave them running)."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return stdout, stderr, proc.returncode
+
+
+def test_two_processes_train_as_one(inputs, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for command in ("sft", "rm", "dpo"):
+        result = CliRunner().invoke(app, _args(command, inputs, one / command))
+        assert result.exit_code == 0, result.output
+
+    runs = [
+        {"name": "sft", "args": _args("sft", inputs, two / "sft")},
+        # a signal to one process stops every process after the step, with a checkpoint (exit 130 everywhere)
+        {"name": "sft-stopped", "args": _args("sft", inputs, two / "sft-resumed"), "fault": "sigterm@2",
+         "fault_rank": "1"},
+        {"name": "sft-resumed", "args": _args("sft", inputs, two / "sft-resumed", "--resume", "auto")},
+        {"name": "rm", "args": _args("rm", inputs, two / "rm")},
+        # 2 micro-batches per process (gradients exchanged on the second only) against 1 in one process
+        {"name": "dpo", "args": _args("dpo", inputs, two / "dpo", "--grad-accum", "2")},
+    ]
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RLHFLAB_FAULTS", "WORLD_SIZE", "RANK")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    stdout, stderr, returncode = _launch([str(worker), json.dumps(runs)], env)
+    assert returncode == 0, stdout[-3000:] + stderr[-3000:]
+    results = sorted(line.split()[1:] for line in stdout.splitlines() if line.startswith("RESULT "))
+    assert results == sorted(
+        [["0", "sft", "0"], ["1", "sft", "left"], ["0", "sft-stopped", "130"], ["1", "sft-stopped", "130"],
+         ["0", "sft-resumed", "0"], ["1", "sft-resumed", "left"], ["0", "rm", "0"], ["1", "rm", "left"],
+         ["0", "dpo", "0"], ["1", "dpo", "left"]]
+    ), stdout  # fmt: skip
+
+    _assert_same_run(one / "sft", two / "sft")
+    _assert_same_run(one / "sft", two / "sft-resumed")
+    for command in ("rm", "dpo"):
+        _assert_same_run(one / command, two / command)
+        assert json.loads((two / command / "eval.json").read_text()) == pytest.approx(
+            json.loads((one / command / "eval.json").read_text()), rel=1e-4, abs=1e-5
+        )

@@ -101,6 +101,7 @@ def test_indices_by_hand():
     assert packed.target_ids.tolist() == [4, 5, 6, 8, 9]
     assert packed.sequence_index.tolist() == [0, 0, 1, 2, 2]
     assert packed.token_position.tolist() == [0, 1, 0, 0, 1]
+    assert packed.token_index.tolist() == [3, 4, 5, 7, 8]  # each token's own slot
     assert packed.completion_lengths.tolist() == [2, 1, 2]
     assert packed.group_index.tolist() == [0, 0, 1]
     allowed = (packed.attention_mask[0, 0] == 0).int()
@@ -124,6 +125,7 @@ def test_trim_final_tokens_leaves_out_only_last_tokens():
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
     assert packed.logit_index.tolist() == [2, 3, 2, 4, 5]
     assert packed.target_ids.tolist() == [4, 5, 6, 8, 9]
+    assert packed.token_index.tolist() == [3, -1, -1, 5, -1]  # trimmed tokens have no slot
     assert packed.num_tokens == 9 and packed.num_computed_tokens == 6
 
 

@@ -1,12 +1,13 @@
 """Bradley-Terry reward model: P(chosen ≻ rejected) = σ(r(x, y_c) − r(x, y_r)).
 
-    pairs ─► one padded batch [chosen rows; rejected rows] ─► a scalar per token ─► r(x, y): their mean over
-          the response ("mean") or the one at the last token ("last") ─► loss = −log σ(r_c − r_r),
-          summed ÷ pairs of the step
+    pairs ─► packed rows [prompt | chosen | rejected] (the prompt once, chosen hidden from rejected)
+          ─► a scalar per token ─► r(x, y): their mean over the response ("mean") or the one at its
+          last token ("last") ─► loss = −log σ(r_c − r_r), summed ÷ pairs of the step
 
 The model is the policy's backbone with a scalar head (`AutoModelForSequenceClassification`),
 so it shares the tokenizer and loads straight back into transformers; the pooling is saved in its
-config (`score_pooling`) and every scorer in rlhflab reads it (`models.loading.sequence_scores`).
+config (`score_pooling`) and every scorer in rlhflab reads it (`models.loading.sequence_scores`
+scores padded batches the same way, to float rounding: tested).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 
 from rlhflab.config import RunConfig
 from rlhflab.core.losses import bradley_terry_loss
-from rlhflab.data.collate import TokenizedExample, collate_preference_pairs
-from rlhflab.models.loading import sequence_scores
+from rlhflab.core.packing import PackedBatch, pack_groups
+from rlhflab.data.collate import TokenizedExample
+from rlhflab.models.loading import score_pooling, token_scores
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
 from rlhflab.training.loop import StepPlan, save_final_model, start_run, train
 
@@ -41,7 +43,29 @@ class RewardModelConfig(RunConfig):
     pooling: str = "mean"
     max_prompt_tokens: int = 64
     max_completion_tokens: int = 64
+    max_row_tokens: int = 256  # packed row budget (attention is quadratic in it)
     eval_fraction: float = 0.1  # held-out share of the pairs, for pairwise accuracy
+
+
+def pack_pairs(pairs: list[Pair], pad_token_id: int, max_row_tokens: int = 256) -> PackedBatch:
+    """Pair i becomes group i = (prompt, [chosen, rejected]): sequences 2i and 2i + 1."""
+    return pack_groups([(c.prompt_ids, [c.completion_ids, r.completion_ids]) for c, r in pairs], max_row_tokens,
+                       pad_token_id)
+
+
+def pair_scores(model: torch.nn.Module, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """r(x, y_c), r(x, y_r) of each packed pair: [B] each, pooled as `score_pooling(model)` says."""
+    scores = token_scores(model, packed.input_ids, packed.attention_mask, packed.position_ids).reshape(-1)  # [R*L]
+    per_token = scores[packed.token_index]  # [N_tok] the score at each response token
+    if score_pooling(model) == "mean":
+        sums = per_token.new_zeros(len(packed.completion_lengths)).index_add(0, packed.sequence_index, per_token)
+        rewards = sums / packed.completion_lengths.clamp(min=1).to(sums.dtype)  # [2B]
+    else:
+        is_last = packed.token_position == packed.completion_lengths[packed.sequence_index] - 1
+        rewards = per_token.new_zeros(len(packed.completion_lengths)).index_copy(
+            0, packed.sequence_index[is_last], per_token[is_last]
+        )
+    return rewards[0::2], rewards[1::2]
 
 
 @torch.no_grad()
@@ -50,15 +74,9 @@ def score_pairs(model: torch.nn.Module, pairs: list[Pair], pad_token_id: int, ba
     model.eval()
     margins = []
     for start in range(0, len(pairs), batch_size):
-        chosen, rejected = _pair_scores(model, collate_preference_pairs(pairs[start : start + batch_size], pad_token_id))
+        chosen, rejected = pair_scores(model, pack_pairs(pairs[start : start + batch_size], pad_token_id))
         margins.append(chosen - rejected)
     return torch.cat(margins) if margins else torch.zeros(0)
-
-
-def _pair_scores(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = sequence_scores(model, batch)  # [2B]: chosen rows, then rejected rows
-    n = batch["num_pairs"]
-    return scores[:n], scores[n:]
 
 
 class RewardModelRecipe:
@@ -74,13 +92,12 @@ class RewardModelRecipe:
         indices = self.sampler.take(self.cfg.batch_size)
         micro_batches = []
         for chunk in split_micro_batches(indices, self.cfg.grad_accum):
-            batch = collate_preference_pairs([self.pairs[i] for i in chunk], self.pad_token_id)
-            batch["num_items"] = batch["num_pairs"]
-            micro_batches.append(batch)
+            packed = pack_pairs([self.pairs[i] for i in chunk], self.pad_token_id, self.cfg.max_row_tokens)
+            micro_batches.append({"packed": packed, "num_items": len(chunk)})
         return StepPlan([micro_batches])
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        chosen, rejected = _pair_scores(self.model, batch)
+        chosen, rejected = pair_scores(self.model, batch["packed"])
         losses = bradley_terry_loss(chosen, rejected)  # [B]
         with torch.no_grad():
             both = torch.cat([chosen, rejected])

@@ -74,6 +74,7 @@ class PackedBatch:
     target_ids: torch.Tensor  # [N_tok] the completion tokens
     sequence_index: torch.Tensor  # [N_tok] which completion each token belongs to
     token_position: torch.Tensor  # [N_tok] index of the token within its completion
+    token_index: torch.Tensor  # [N_tok] flat index into R*L of the token's own slot; -1 if trimmed (not laid out)
     completion_lengths: torch.Tensor  # [N_seq] long
     group_index: torch.Tensor  # [N_seq] which group (prompt) each completion belongs to
     num_tokens: int  # real tokens laid out (each prompt once)
@@ -197,6 +198,7 @@ def pack_groups(
     target_ids: list[int] = []
     sequence_index: list[int] = []
     token_position: list[int] = []
+    token_index: list[int] = []
     for r, row in enumerate(rows):
         start = 0
         for g in row:
@@ -224,6 +226,7 @@ def pack_groups(
                 target_ids += completion
                 sequence_index += [seq] * n
                 token_position += list(range(n))
+                token_index += [*range(flat, flat + width), *[-1] * (n - width)]
                 offset += width
             start = offset
 
@@ -237,6 +240,7 @@ def pack_groups(
         target_ids=torch.tensor(target_ids, dtype=torch.long),
         sequence_index=torch.tensor(sequence_index, dtype=torch.long),
         token_position=torch.tensor(token_position, dtype=torch.long),
+        token_index=torch.tensor(token_index, dtype=torch.long),
         completion_lengths=completion_lengths,
         group_index=group_index,
         num_tokens=sum(lengths),

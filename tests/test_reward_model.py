@@ -1,0 +1,47 @@
+"""Reward-model scoring: packed pairs score exactly as unpadded rows and as padded batches, for each pooling."""
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+from transformers import LlamaForSequenceClassification
+
+from rlhflab.algorithms.reward_model import pack_pairs, pair_scores
+from rlhflab.data.collate import TokenizedExample, collate_preference_pairs
+from rlhflab.models.loading import sequence_scores
+
+PAIRS = [  # (chosen, rejected) share a prompt; lengths differ within and across pairs
+    (TokenizedExample([1, 5, 6, 7], [8, 9, 2]), TokenizedExample([1, 5, 6, 7], [10, 2])),
+    (TokenizedExample([1, 11], [13, 14, 15, 16, 2]), TokenizedExample([1, 11], [17, 2])),
+    (TokenizedExample([1, 3, 4, 5, 6, 7, 8], [9, 2]), TokenizedExample([1, 3, 4, 5, 6, 7, 8], [20, 21, 22, 2])),
+]
+
+
+def scalar_model(attn: str) -> LlamaForSequenceClassification:
+    config = tiny_llama(attn).config
+    config.num_labels, config.pad_token_id = 1, 0
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("max_row_tokens", [16, 256])
+def test_packed_pair_scores_equal_padded_rows(attn, pooling, max_row_tokens):
+    model = scalar_model(attn)
+    model.config.score_pooling = pooling
+    with torch.no_grad():
+        chosen, rejected = pair_scores(model, pack_pairs(PAIRS, pad_token_id=0, max_row_tokens=max_row_tokens))
+        # reference: each row alone, unpadded, pooled by hand
+        alone = []
+        for example in [c for c, _ in PAIRS] + [r for _, r in PAIRS]:
+            ids = torch.tensor([example.prompt_ids + example.completion_ids])
+            scores = model.score(model.model(input_ids=ids).last_hidden_state)[0, :, 0]
+            alone.append(scores[-1] if pooling == "last" else scores[len(example.prompt_ids) :].mean())
+        expected = torch.stack(alone)
+        padded = sequence_scores(model, collate_preference_pairs(PAIRS, pad_token_id=0))
+    n = len(PAIRS)
+    torch.testing.assert_close(chosen, expected[:n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rejected, expected[n:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded, expected, atol=1e-5, rtol=1e-5)

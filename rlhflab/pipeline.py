@@ -37,7 +37,7 @@ class TaskArtefacts:
     """Settings of a task's shared artefacts. `size="tiny"` is a fast variant for tests and smoke runs."""
 
     task: str = "reviews"
-    size: str = "small"  # small: the demo (≈3M parameters); tiny: ≈1M parameters, few steps
+    size: str = "small"  # small: the demo (≈3M parameters; arithmetic ≈0.9M); tiny: ≈1M parameters, few steps
     seed: int = 0
     cache_dir: str | None = None  # default $RLHFLAB_CACHE or ~/.cache/rlhflab
     pair_prompts: int = 4800  # preference pairs: prompts sampled twice each by the SFT model (ties dropped)

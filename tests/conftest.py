@@ -24,3 +24,17 @@ def tiny_artefacts(tmp_path_factory):
         return TaskArtefacts(task=task, size="tiny", cache_dir=str(cache), progress=False)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def inputs(tiny_artefacts, tmp_path_factory) -> dict[str, str]:
+    """For the reliability tests (resume, faults, signals, reproducibility): paths of the tiny task artefacts and
+    a 17-pair preference file (16 train + 1 held out). test_distributed.py has its own `inputs`."""
+    from rlhflab.pipeline import base_model, preference_pairs, reward_model, sft_model
+
+    a = tiny_artefacts("reviews")
+    root = tmp_path_factory.mktemp("reliability-inputs")
+    pairs = root / "pairs17.jsonl"
+    pairs.write_text("".join(preference_pairs(a).read_text().splitlines(keepends=True)[:17]))
+    return {"base": str(base_model(a)), "sft": str(sft_model(a)), "rm": str(reward_model(a)), "pairs": str(pairs),
+            "cache": str(root / "cache")}

@@ -4,12 +4,7 @@ time) and the same weights, for every training command; another seed gives other
 from __future__ import annotations
 
 import pytest
-from test_resume import COMMANDS, assert_same_run, command, comparable, make_inputs, run_cli, straight_run
-
-
-@pytest.fixture
-def inputs(tiny_artefacts, tmp_path_factory):
-    return make_inputs(tiny_artefacts, tmp_path_factory)
+from test_resume import COMMANDS, assert_same_run, command, comparable, run_cli, straight_run
 
 
 @pytest.mark.parametrize("name", COMMANDS)

@@ -56,28 +56,6 @@ COMMANDS = ["pretrain", "sft", "rm", "dpo", "ppo", "grpo"]
 STEPS_PER_EPOCH = {"pretrain": 4, "sft": 4, "rm": 4, "dpo": 4, "ppo": 4, "grpo": 4}
 
 
-_inputs: dict[str, str] = {}
-
-
-def make_inputs(tiny_artefacts, tmp_path_factory) -> dict[str, str]:
-    """Paths of the tiny task artefacts, and a 17-pair preference file (16 train + 1 held out); once per session."""
-    from rlhflab.pipeline import base_model, preference_pairs, reward_model, sft_model
-
-    if not _inputs:
-        a = tiny_artefacts("reviews")
-        root = tmp_path_factory.mktemp("reliability-inputs")
-        pairs = root / "pairs17.jsonl"
-        pairs.write_text("".join(preference_pairs(a).read_text().splitlines(keepends=True)[:17]))
-        _inputs.update(base=str(base_model(a)), sft=str(sft_model(a)), rm=str(reward_model(a)), pairs=str(pairs),
-                       cache=str(root / "cache"))
-    return _inputs
-
-
-@pytest.fixture
-def inputs(tiny_artefacts, tmp_path_factory) -> dict[str, str]:
-    return make_inputs(tiny_artefacts, tmp_path_factory)
-
-
 def command(name: str, inputs: dict[str, str], out: Path, *extra: str, max_steps: int = MAX_STEPS) -> list[str]:
     return [*_commands(inputs)[name], "--out", str(out), "--seed", "1", "--threads", "1", "--no-progress",
             "--max-steps", str(max_steps), "--checkpoint-every", str(CHECKPOINT_EVERY), *extra]

@@ -18,7 +18,6 @@ from test_resume import (
     COMMANDS,
     assert_same_run,
     command,
-    make_inputs,
     record_trial,
     run_cli,
     straight_run,
@@ -29,11 +28,6 @@ from rlhflab.training.checkpoint import MANIFEST_FILE, STATE_FILE, list_checkpoi
 from rlhflab.training.data_order import split_micro_batches
 from rlhflab.training.loop import StepPlan, train
 from rlhflab.training.metrics import read_metrics
-
-
-@pytest.fixture
-def inputs(tiny_artefacts, tmp_path_factory):
-    return make_inputs(tiny_artefacts, tmp_path_factory)
 
 
 def codes(out: Path) -> list[tuple[int, str]]:

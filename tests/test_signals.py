@@ -14,7 +14,6 @@ from test_resume import (
     assert_same_run,
     command,
     complete_lines,
-    make_inputs,
     record_trial,
     run_cli,
     straight_run,
@@ -23,11 +22,6 @@ from test_resume import (
 
 from rlhflab.training.checkpoint import list_checkpoints
 from rlhflab.training.metrics import read_metrics
-
-
-@pytest.fixture
-def inputs(tiny_artefacts, tmp_path_factory):
-    return make_inputs(tiny_artefacts, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", COMMANDS)

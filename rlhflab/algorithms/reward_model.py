@@ -20,9 +20,9 @@ import torch
 
 from rlhflab.config import RunConfig
 from rlhflab.core.losses import bradley_terry_loss
-from rlhflab.core.packing import PackedBatch, pack_groups
+from rlhflab.core.packing import PackedBatch, pack_groups, to_padded
 from rlhflab.data.collate import TokenizedExample
-from rlhflab.models.loading import score_pooling, token_scores
+from rlhflab.models.loading import pool_scores, score_pooling, token_scores
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
 from rlhflab.training.loop import StepPlan, save_final_model, start_run, train
 
@@ -56,15 +56,8 @@ def pack_pairs(pairs: list[Pair], pad_token_id: int, max_row_tokens: int = 256) 
 def pair_scores(model: torch.nn.Module, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """r(x, y_c), r(x, y_r) of each packed pair: [B] each, pooled as `score_pooling(model)` says."""
     scores = token_scores(model, packed.input_ids, packed.attention_mask, packed.position_ids).reshape(-1)  # [R*L]
-    per_token = scores[packed.token_index]  # [N_tok] the score at each response token
-    if score_pooling(model) == "mean":
-        sums = per_token.new_zeros(len(packed.completion_lengths)).index_add(0, packed.sequence_index, per_token)
-        rewards = sums / packed.completion_lengths.clamp(min=1).to(sums.dtype)  # [2B]
-    else:
-        is_last = packed.token_position == packed.completion_lengths[packed.sequence_index] - 1
-        rewards = per_token.new_zeros(len(packed.completion_lengths)).index_copy(
-            0, packed.sequence_index[is_last], per_token[is_last]
-        )
+    per_token, response_mask = to_padded(scores[packed.token_index], packed)  # [2B, T] each, left-aligned
+    rewards = pool_scores(per_token, response_mask, score_pooling(model))  # [2B]
     return rewards[0::2], rewards[1::2]
 
 

@@ -118,12 +118,6 @@ def token_scores(scalar_model: PreTrainedModel, input_ids: torch.Tensor, attenti
     return scalar_model.score(hidden).squeeze(-1)
 
 
-def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Score at the last real token of each right-padded row: [B, T] -> [B]."""
-    last = attention_mask.long().sum(dim=1) - 1
-    return scores.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1)
-
-
 def score_pooling(scalar_model: PreTrainedModel) -> str:
     """How a reward model turns token scores into r(x, y): `config.score_pooling`, else "last" (transformers' rule)."""
     pooling = getattr(scalar_model.config, "score_pooling", None) or "last"
@@ -132,18 +126,25 @@ def score_pooling(scalar_model: PreTrainedModel) -> str:
     return pooling
 
 
-def sequence_scores(scalar_model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Reward r(x, y) of each right-padded row of a `collate_sequences` batch: [B].
+def pool_scores(scores: torch.Tensor, response_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """r(x, y) from per-token scores and the response's mask, both [N, T] -> [N].
 
-    "last": the score at the row's last token (the EOS), as `AutoModelForSequenceClassification` pools.
-    "mean": the mean score over the response tokens (`response_mask`), a per-token reward averaged;
-    rlhflab's reward models for the built-in tasks use it (the `reviews` gold reward is a mean over
-    clauses; held-out accuracy 0.85 against 0.75 for "last" at the same budget, docs/notes.md).
-    transformers itself knows only "last": scores of a "mean" model read through a transformers
-    pipeline differ from rlhflab's.
+    "last": the score at the response's last token (its EOS: in a right-padded prompt + response row, the
+    row's last token, as `AutoModelForSequenceClassification` pools). "mean": the mean score over the
+    response tokens, a per-token reward averaged; rlhflab's reward models for the built-in tasks use it
+    (the `reviews` gold reward is a mean over clauses; held-out accuracy 0.85 against 0.75 for "last" at
+    the same budget, docs/notes.md). transformers itself knows only "last": scores of a "mean" model
+    read through a transformers pipeline differ from rlhflab's.
     """
-    scores = token_scores(scalar_model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
-    if score_pooling(scalar_model) == "mean":
-        mask = batch["response_mask"].to(scores.dtype)
+    if pooling == "mean":
+        mask = response_mask.to(scores.dtype)
         return (scores * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    return last_token_scores(scores, batch["attention_mask"])
+    positions = torch.arange(scores.shape[1], device=scores.device)
+    last = (positions * response_mask.long()).argmax(1)  # [N] the last masked position
+    return scores.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def sequence_scores(scalar_model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Reward r(x, y) of each right-padded row of a `collate_sequences` batch, pooled as the model says: [B]."""
+    scores = token_scores(scalar_model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+    return pool_scores(scores, batch["response_mask"], score_pooling(scalar_model))

@@ -6,9 +6,13 @@ Builds (once, under --out) a Llama of the given size with the `reviews` tokenize
 `reviews` preference pairs (each prompt + chosen + rejected, responses two reviews long), then
 runs each side as its own command, one after the other, with OMP_NUM_THREADS=1:
 
-    rlhflab:  rlhflab dpo --model M --data D --max-steps S --batch-size B --threads 1 ...
+    rlhflab:  rlhflab dpo --model M --data D --max-steps S --batch-size B --threads 1 [--precision bf16] ...
     TRL:      DPOTrainer(DPOConfig(per_device_train_batch_size=B, max_steps=S, max_length=128, ...))
               with its default live reference, and with precompute_ref_log_probs=True (--trl-precompute)
+
+Sides (--sides): rlhflab, rlhflab-bf16, trl, trl-fp32, trl-precompute. TRL's default is bf16=True:
+on a CPU with bf16 instructions (avx512_bf16 / AMX) accelerate runs every forward under bf16
+autocast, so `trl` is compared with `rlhflab-bf16` and `trl-fp32` (bf16=False) with `rlhflab`.
 
 and reports per side: the training loop's steps/s and pairs/s, pair tokens/s (|x| + |y_c| + |y_r|
 per pair: the same count for both sides), the whole command's time (start to exit: imports,
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -93,12 +98,12 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, float, float, int]:
     return time.perf_counter() - started, cpu, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
 
-def run_rlhflab(model: Path, data: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
+def run_rlhflab(model: Path, data: Path, out: Path, args: argparse.Namespace, precision: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--rlhflab-child", "dpo", "--model", str(model),
            "--data", str(data), "--out", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--threads", "1", "--eval-fraction", "0", "--no-progress",
            "--max-prompt-tokens", "64", "--max-completion-tokens", "64", "--no-share-reference-cache",
-           "--max-row-tokens", str(args.max_row_tokens)]  # fmt: skip
+           "--max-row-tokens", str(args.max_row_tokens), "--precision", precision]  # fmt: skip
     wall, cpu, rss, code = run_child(cmd, out.with_suffix(".log"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
@@ -125,10 +130,11 @@ def rlhflab_child(cli_args: list[str]) -> None:
     app(cli_args, standalone_mode=False)
 
 
-def run_trl(model: Path, data: Path, out: Path, args: argparse.Namespace, precompute: bool) -> dict[str, float]:
+def run_trl(model: Path, data: Path, out: Path, args: argparse.Namespace, precompute: bool, bf16: bool) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--trl-child", "--model", str(model), "--data", str(data), "--out", str(out),
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr)]  # fmt: skip
-    wall, cpu, rss, code = run_child(cmd + (["--trl-precompute"] if precompute else []), out.with_suffix(".log"))
+    cmd += (["--trl-precompute"] if precompute else []) + ([] if bf16 else ["--trl-fp32"])
+    wall, cpu, rss, code = run_child(cmd, out.with_suffix(".log"))
     result = json.loads((out / "trl_result.json").read_text()) if code == 0 else {"loop_cpu": float("nan")}
     return {**result, "wall": wall, "cpu": cpu, "rss": rss, "exit": code}
 
@@ -148,7 +154,7 @@ def trl_child(args: argparse.Namespace) -> None:
         output_dir=args.out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=args.lr, max_length=128, logging_steps=1, report_to=[], save_strategy="no",
         use_cpu=True, dataloader_num_workers=0, precompute_ref_log_probs=args.trl_precompute,
-        lr_scheduler_type="cosine", disable_tqdm=True, seed=0,
+        lr_scheduler_type="cosine", disable_tqdm=True, seed=0, bf16=not args.trl_fp32,
     )  # fmt: skip
     dataset = load_dataset("json", data_files=args.data, split="train")
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
@@ -162,11 +168,13 @@ def trl_child(args: argparse.Namespace) -> None:
 
 
 def table(results: dict[str, dict[str, float]], stats: dict[str, float], args: argparse.Namespace) -> str:
+    """Ratios are rlhflab's over the side's, at the same precision (bf16: rlhflab-bf16 vs trl)."""
     pairs = args.steps * args.batch_size
-    base = results.get("rlhflab", next(iter(results.values())))
     lines = ["| side | steps/s | pairs/s | pair tokens/s | command s (CPU s) | peak RSS MiB | rlhflab pairs/s × | "
              "command × (CPU ×) | RSS × |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in results.items():
+        same_precision = "rlhflab-bf16" if name in ("trl", "rlhflab-bf16") else "rlhflab"
+        base = results.get(same_precision, next(iter(results.values())))
         pps = pairs / r["loop_cpu"]
         ratio = lambda a, b: f"{a / b:.2f}"  # noqa: E731
         lines.append(
@@ -186,9 +194,10 @@ def main() -> None:
     parser.add_argument("--max-row-tokens", type=int, default=256)
     parser.add_argument("--num-pairs", type=int, default=1000)
     parser.add_argument("--out", default="/tmp/dpo_bench")
-    parser.add_argument("--sides", default="rlhflab,trl,trl-precompute")
+    parser.add_argument("--sides", default="rlhflab,trl-fp32,rlhflab-bf16,trl")
     parser.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trl-precompute", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trl-fp32", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     if sys.argv[1:2] == ["--rlhflab-child"]:
@@ -203,10 +212,11 @@ def main() -> None:
     results = {}
     for side in args.sides.split(","):
         out = root / f"{side}-{args.size}"
-        if side == "rlhflab":
-            results[side] = run_rlhflab(model, data, out, args)
+        shutil.rmtree(out, ignore_errors=True)  # a cold start: no reference log-probs cached by an earlier run
+        if side.startswith("rlhflab"):
+            results[side] = run_rlhflab(model, data, out, args, "bf16" if side.endswith("bf16") else "fp32")
         else:
-            results[side] = run_trl(model, data, out, args, precompute=side == "trl-precompute")
+            results[side] = run_trl(model, data, out, args, precompute=side == "trl-precompute", bf16=side != "trl-fp32")
         print(side, json.dumps(results[side]), flush=True)
     print(f"\n{args.size}: {stats['parameters'] / 1e6:.2f}M parameters, {args.steps} steps × {args.batch_size} pairs, "
           f"prompt {stats['prompt_tokens']:.1f} tokens, responses {stats['response_tokens']:.1f} tokens, one thread\n")  # fmt: skip

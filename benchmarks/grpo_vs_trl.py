@@ -6,6 +6,10 @@ tokens, beta 0.04 (so both sides run a reference forward), token_mean loss (TRL'
 reviews gold reward as the reward function, one torch thread. Each side runs in its own process
 (peak RSS = that process's ru_maxrss); steps/s excludes the first `--warmup` steps.
 
+Precision: TRL's default is bf16=True, which on a CPU with bf16 instructions (avx512_bf16, AMX) runs
+every forward, generation included, under bf16 autocast. Each precision is compared with its own:
+rlhflab (fp32) with `trl-fp32` (bf16=False), `rlhflab-bf16` (--precision bf16) with `trl` (default).
+
     pip install trl --no-deps   (plus its missing dependencies with --no-deps; torch stays as it is)
     .venv/bin/python benchmarks/grpo_vs_trl.py [--steps 12] [--warmup 2]
 """
@@ -57,14 +61,14 @@ def reward(prompts: list, completions: list, **kwargs) -> list[float]:
     return reviews_reward(prompts, completions)
 
 
-def run_ours(folder: Path, steps: int, warmup: int) -> dict:
+def run_ours(folder: Path, steps: int, warmup: int, precision: str) -> dict:
     from rlhflab.algorithms.grpo import GRPOConfig, run_grpo
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
     from rlhflab.training.metrics import read_metrics
 
     out = Path(tempfile.mkdtemp())
     cfg = GRPOConfig(out=str(out), max_steps=steps, batch_size=1, group_size=GROUP, max_new_tokens=NEW_TOKENS, beta=BETA,
-                     lr=LR, loss_agg="token_mean", threads=1, progress=False, max_prompt_tokens=256)
+                     lr=LR, loss_agg="token_mean", threads=1, progress=False, max_prompt_tokens=256, precision=precision)
     run_grpo(cfg, load_causal_lm(str(folder)), load_tokenizer(str(folder)), prompts(steps), reward_fn=reward,
              reference=load_causal_lm(str(folder)))
     rows = read_metrics(out)
@@ -73,7 +77,7 @@ def run_ours(folder: Path, steps: int, warmup: int) -> dict:
     return {"steps_per_s": (steps - warmup) / elapsed, "tokens_per_s": tokens / elapsed}
 
 
-def run_trl(folder: Path, steps: int, warmup: int) -> dict:
+def run_trl(folder: Path, steps: int, warmup: int, bf16: bool) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -90,7 +94,7 @@ def run_trl(folder: Path, steps: int, warmup: int) -> dict:
 
     cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=GROUP, num_generations=GROUP,
                      max_completion_length=NEW_TOKENS, beta=BETA, learning_rate=LR, use_cpu=True, max_steps=steps,
-                     logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, bf16=False,
+                     logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, bf16=bf16,
                      temperature=1.0, seed=0)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=Dataset.from_dict({"prompt": prompts(64)}),
@@ -133,9 +137,18 @@ def run_sampler(folder: Path, repeats: int = 3) -> dict:
     return best
 
 
+SIDES = {
+    "rlhflab": lambda *a: run_ours(*a, precision="fp32"),
+    "trl-fp32": lambda *a: run_trl(*a, bf16=False),
+    "rlhflab-bf16": lambda *a: run_ours(*a, precision="bf16"),
+    "trl": lambda *a: run_trl(*a, bf16=True),
+}
+SAME_PRECISION = {"trl-fp32": "rlhflab", "trl": "rlhflab-bf16"}  # each TRL side and the rlhflab side it is compared with
+
+
 def side(name: str, folder: Path, steps: int, warmup: int) -> None:
     torch.set_num_threads(1)
-    result = {"ours": run_ours, "trl": run_trl}[name](folder, steps, warmup) if name != "sampler" else run_sampler(folder)
+    result = SIDES[name](folder, steps, warmup) if name != "sampler" else run_sampler(folder)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -144,7 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--side", choices=["ours", "trl", "sampler"], default=None)
+    parser.add_argument("--side", choices=[*SIDES, "sampler"], default=None)
+    parser.add_argument("--sides", default="sampler,rlhflab,trl-fp32,rlhflab-bf16,trl")
     parser.add_argument("--folder", type=Path, default=None)
     args = parser.parse_args()
     if args.side:
@@ -154,20 +168,24 @@ def main() -> None:
     build_model_folder(folder)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     results = {}
-    for name in ("sampler", "ours", "trl"):
+    for name in args.sides.split(","):
         proc = subprocess.run([sys.executable, __file__, "--side", name, "--folder", str(folder), "--steps",
                                str(args.steps), "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(line[0][len("RESULT "):])
-    ours, trl = results["ours"], results["trl"]
-    print("| | rlhflab | TRL GRPOTrainer | ratio |\n|---|---|---|---|")
-    for key, label in (("steps_per_s", "steps/s"), ("tokens_per_s", "completion tokens/s"), ("peak_rss_mb", "peak RSS (MB)")):
-        print(f"| {label} | {ours[key]:.2f} | {trl[key]:.2f} | {ours[key] / trl[key]:.2f}× |")
-    s = results["sampler"]
-    print(f"\nsampler: {s['sample_tokens_per_s']:.0f} tokens/s vs model.generate {s['generate_tokens_per_s']:.0f} "
-          f"tokens/s ({s['sample_tokens_per_s'] / s['generate_tokens_per_s']:.2f}×)")
+    for trl_side, ours_side in SAME_PRECISION.items():
+        if trl_side not in results or ours_side not in results:
+            continue
+        ours, trl = results[ours_side], results[trl_side]
+        print(f"\n| | {ours_side} | {trl_side} | ratio |\n|---|---|---|---|")
+        for key, label in (("steps_per_s", "steps/s"), ("tokens_per_s", "completion tokens/s"), ("peak_rss_mb", "peak RSS (MB)")):
+            print(f"| {label} | {ours[key]:.2f} | {trl[key]:.2f} | {ours[key] / trl[key]:.2f}× |")
+    if "sampler" in results:
+        s = results["sampler"]
+        print(f"\nsampler: {s['sample_tokens_per_s']:.0f} tokens/s vs model.generate {s['generate_tokens_per_s']:.0f} "
+              f"tokens/s ({s['sample_tokens_per_s'] / s['generate_tokens_per_s']:.2f}×)")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class RunConfig:
     on_nonfinite: str = "stop"  # stop | skip: what to do when the loss or gradients are NaN/inf
     max_nonfinite_skips: int = 5  # with on_nonfinite=skip, stop after this many consecutive bad steps
     threads: int = 0  # torch threads; 0: all cores
+    precision: str = "fp32"  # fp32 | bf16: bf16 autocast in forwards and sampling (TRL's bf16=True); weights stay fp32
     trust_remote_code: bool = False  # allow custom model code from a model folder / hub id
     progress: bool = True  # rich progress bar
 
@@ -59,6 +60,7 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("cosine", "linear", "constant"),
     "on_nonfinite": ("stop", "skip"),
+    "precision": ("fp32", "bf16"),
     "pooling": ("last", "mean"),
 }
 MINIMUM: dict[str, int | float] = {

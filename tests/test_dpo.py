@@ -26,7 +26,7 @@ from rlhflab.data.loading import from_records
 from rlhflab.diagnostics.findings import read_findings
 from rlhflab.models.tokenizer import train_tokenizer
 from rlhflab.tasks.reviews import ReviewsTask
-from rlhflab.training.loop import train
+from rlhflab.training.loop import freeze, mixed_precision, train
 from rlhflab.training.metrics import read_metrics
 
 TRL_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
@@ -186,3 +186,36 @@ def test_step0_accuracy_is_zero_with_reference_cached_from_other_batches(tokeniz
         _, metrics = recipe.loss(recipe.plan_step(step).updates[0][0])
         assert metrics["rewards/accuracies"] == 0.0
         assert abs(metrics["dpo_loss"] - math.log(2)) < 1e-6 and abs(metrics["rewards/margins"]) < 1e-6
+
+
+def test_bf16_step0_is_ln2_and_reference_cached_apart(tokenizer, pairs, tmp_path):
+    """bf16 autocast: step 0 is still exactly ln 2 (reference and policy see the same packed rows);
+    a reference cached from other row layouts stays inside LOGP_NOISE["bf16"] (accuracy 0, loss ≈ ln 2);
+    bf16 and fp32 runs of one reference never read each other's cache."""
+    cfg = cfg_for(tmp_path, batch_size=1, eval_every=0, precision="bf16")
+    recipe = _recipe(tokenizer, pairs, cfg)
+    with mixed_precision("bf16", recipe.model):
+        _, metrics = recipe.loss(recipe.plan_step(0).updates[0][0])
+        assert metrics["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6) and metrics["rewards/margins"] == 0.0
+        recipe.reference_logps(recipe.keys, pack_pairs(recipe.pairs, 1024, tokenizer.pad_token_id))
+        for step in range(1, 8):  # no optimizer step: the policy is still the reference
+            _, metrics = recipe.loss(recipe.plan_step(step).updates[0][0])
+            assert metrics["rewards/accuracies"] == 0.0
+            assert abs(metrics["dpo_loss"] - math.log(2)) < 1e-3
+    recipe.cache.flush()
+    fp32 = _recipe(tokenizer, pairs, replace(cfg, precision="fp32"))
+    assert fp32.cache.fingerprint != recipe.cache.fingerprint and len(fp32.cache) == 0
+    assert len(_recipe(tokenizer, pairs, cfg).cache) == len(recipe.pairs)  # same precision: shared
+
+
+def test_frozen_bf16_reference_equals_autocast_bit_for_bit(tokenizer, pairs):
+    """freeze(bf16) stores Linear weights as autocast would round them: same log-probs, no per-forward cast."""
+    model = tiny_model(tokenizer)
+    packed = pack_pairs(pairs[:8], 96, tokenizer.pad_token_id)
+    frozen = freeze(copy.deepcopy(model), "bf16")
+    assert frozen.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert frozen.model.embed_tokens.weight.dtype == torch.float32  # and lm_head, tied to it
+    assert frozen.lm_head.weight is frozen.model.embed_tokens.weight
+    with torch.no_grad(), mixed_precision("bf16", model):
+        expected, got = pair_logps(model, packed), pair_logps(frozen, packed)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -13,6 +13,7 @@ from rlhflab.algorithms.grpo import GRPOConfig, GRPORecipe, run_grpo
 from rlhflab.errors import InputError
 from rlhflab.models.tokenizer import train_tokenizer
 from rlhflab.rewards import call_reward_fn, load_reward_fn
+from rlhflab.training.loop import mixed_precision
 from rlhflab.training.metrics import read_metrics
 
 PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
@@ -63,18 +64,21 @@ def test_smoke_parameters_change_and_metrics_are_finite(tmp_path):
     assert (Path(tmp_path) / "run" / "model" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("num_iterations", [1, 2])
-def test_ratio_is_exactly_one_at_iteration_zero(tmp_path, num_iterations):
-    """Old log-probs: the current forward detached (1 iteration) or a no-grad forward of the same packed rows."""
+@pytest.mark.parametrize(("num_iterations", "precision"), [(1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")])
+def test_ratio_is_exactly_one_at_iteration_zero(tmp_path, num_iterations, precision):
+    """Old log-probs: the current forward detached (1 iteration) or a no-grad forward of the same packed rows
+    (in the same precision, so also exact under bf16 autocast); KL to an equal reference is exactly 0."""
     tokenizer = tiny_tokenizer()
-    cfg = config(tmp_path, num_iterations=num_iterations, grad_accum=2)
-    recipe = GRPORecipe(tiny_lm(tokenizer), tokenizer, PROMPTS, cfg, reward_fn=count_a, reference=tiny_lm(tokenizer, 1))
-    plan = recipe.plan_step(0)
-    assert len(plan.updates) == num_iterations
-    for mb in plan.updates[0]:
-        _, metrics = recipe.loss(mb)
-        assert metrics["ratio"] == 1.0
-        assert metrics["clip_ratio/low"] == metrics["clip_ratio/high"] == 0.0
+    cfg = config(tmp_path, num_iterations=num_iterations, grad_accum=2, precision=precision)
+    policy = tiny_lm(tokenizer)
+    recipe = GRPORecipe(policy, tokenizer, PROMPTS, cfg, reward_fn=count_a, reference=tiny_lm(tokenizer))
+    with mixed_precision(precision, policy):
+        plan = recipe.plan_step(0)
+        assert len(plan.updates) == num_iterations
+        for mb in plan.updates[0]:
+            _, metrics = recipe.loss(mb)
+            assert metrics["ratio"] == 1.0 and metrics["kl"] == 0.0
+            assert metrics["clip_ratio/low"] == metrics["clip_ratio/high"] == 0.0
 
 
 def test_group_of_tied_rewards_gives_zero_policy_gradient(tmp_path):

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from rlhflab.algorithms.ppo import KLController, PPOConfig, PPORecipe, run_ppo
 from rlhflab.models.tokenizer import train_tokenizer
+from rlhflab.training.loop import mixed_precision
 from rlhflab.training.metrics import read_metrics
 
 PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
@@ -56,10 +57,11 @@ def run(cfg: PPOConfig, use_reward_model: bool = False):
     return policy, value, read_metrics(Path(cfg.out))
 
 
-def test_smoke_policy_and_value_change(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_smoke_policy_and_value_change(tmp_path, precision):
     tokenizer = tiny_tokenizer()
     policy0, value0, _, _ = models(tokenizer)
-    policy, value, metrics = run(config(tmp_path), use_reward_model=True)
+    policy, value, metrics = run(config(tmp_path, precision=precision), use_reward_model=True)
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), policy0.parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(value.parameters(), value0.parameters(), strict=True))
     for key in ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "policy/approx_kl",
@@ -70,16 +72,21 @@ def test_smoke_policy_and_value_change(tmp_path):
     assert (tmp_path / "run" / "value_model" / "model.safetensors").exists()
 
 
-def test_ratio_is_exactly_one_on_the_first_update(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ratio_is_exactly_one_on_the_first_update(tmp_path, precision):
+    """Also under bf16 autocast: the old log-probs come from the same packed rows in the same precision."""
     tokenizer = tiny_tokenizer()
     policy, value, reference, _ = models(tokenizer)
-    recipe = PPORecipe(policy, value, reference, tokenizer, PROMPTS, config(tmp_path, grad_accum=2), reward_fn=count_a)
-    plan = recipe.plan_step(0)
-    assert len(plan.updates) == recipe.updates_per_step == 4
-    for mb in plan.updates[0]:
-        _, metrics = recipe.loss(mb)
-        assert metrics["policy/ratio"] == 1.0
-        assert metrics["policy/approx_kl"] == 0.0 and metrics["policy/clip_frac"] == 0.0
+    cfg = config(tmp_path, grad_accum=2, precision=precision)
+    recipe = PPORecipe(policy, value, reference, tokenizer, PROMPTS, cfg, reward_fn=count_a)
+    with mixed_precision(precision, policy):
+        plan = recipe.plan_step(0)
+        assert len(plan.updates) == recipe.updates_per_step == 4
+        for mb in plan.updates[0]:
+            _, metrics = recipe.loss(mb)
+            assert metrics["policy/ratio"] == 1.0
+            assert metrics["policy/approx_kl"] == 0.0 and metrics["policy/clip_frac"] == 0.0
+    assert plan.metrics["objective/kl"] == 0.0
 
 
 def test_score_lands_on_the_last_token_and_kl_penalty_elsewhere(tmp_path):

@@ -199,3 +199,45 @@ def test_config_unknown_key_suggests(tmp_path):
     assert str(file) in str(info.value)
     with pytest.raises(InputError, match="expected int"):
         load_config(_Cfg, None, {"batch_size": "many"})
+
+
+class AutocastProbe(ToyRecipe):
+    """Records, at each call, whether bf16 autocast is on; the backward pass records it too."""
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.seen: dict[str, set] = {"plan_step": set(), "loss": set(), "output": set(), "backward": set()}
+        self.model.weight.register_hook(lambda grad: self.seen["backward"].add(torch.is_autocast_enabled("cpu")))
+
+    def plan_step(self, step: int) -> StepPlan:
+        self.seen["plan_step"].add(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return super().plan_step(step)
+
+    def loss(self, mb):
+        self.seen["loss"].add(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        self.seen["output"].add(self.model(mb["x"]).dtype)
+        return super().loss(mb)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_bf16_autocasts_forwards_not_backward_or_weights(tmp_path, precision):
+    cfg = _cfg(tmp_path, precision=precision)
+    recipe = AutocastProbe(cfg)
+    train(cfg, recipe)
+    bf16 = precision == "bf16"
+    assert recipe.seen["plan_step"] == recipe.seen["loss"] == {torch.bfloat16 if bf16 else False}
+    assert recipe.seen["output"] == {torch.bfloat16 if bf16 else torch.float32}
+    assert recipe.seen["backward"] == {False}
+    assert all(p.dtype == torch.float32 for p in recipe.model.parameters())
+
+
+def test_bf16_training_tracks_fp32(tmp_path):
+    """Mixed precision changes rounding, not the optimisation: both fit the same least-squares weights."""
+    fits = []
+    for precision in ("fp32", "bf16"):
+        cfg = _cfg(tmp_path / precision, precision=precision, max_steps=60)
+        recipe = ToyRecipe(cfg)
+        train(cfg, recipe)
+        fits.append(recipe.model.weight.detach().clone())
+    torch.testing.assert_close(fits[1], fits[0], atol=0.05, rtol=0.02)
+    assert not torch.equal(fits[0], fits[1])  # bf16 matmuls did run

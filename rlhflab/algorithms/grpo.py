@@ -41,7 +41,7 @@ from rlhflab.core.policy_loss import aggregate, ppo_clip_loss, ppo_clip_token_lo
 from rlhflab.diagnostics.rl import grpo_monitors
 from rlhflab.rewards import RewardFn
 from rlhflab.training.data_order import split_micro_batches
-from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
+from rlhflab.training.loop import StepPlan, console, freeze, save_final_model, start_run, train
 
 
 @dataclass
@@ -154,7 +154,7 @@ def run_grpo(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer: Any, prompts: 
     out = start_run(cfg)
     for frozen in (reward_model, reference):
         if frozen is not None:
-            frozen.eval().requires_grad_(False)
+            freeze(frozen, cfg.precision)
     recipe = GRPORecipe(policy, tokenizer, prompts, cfg, reward_fn=reward_fn, reward_model=reward_model,
                         reference=reference, gold_fn=gold_fn)
     if recipe.pool.truncation_warning:

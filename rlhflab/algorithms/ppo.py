@@ -49,7 +49,7 @@ from rlhflab.core.policy_loss import (
 from rlhflab.diagnostics.rl import ppo_monitors
 from rlhflab.rewards import RewardFn
 from rlhflab.training.data_order import split_micro_batches
-from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
+from rlhflab.training.loop import StepPlan, console, freeze, save_final_model, start_run, train
 
 
 @dataclass
@@ -211,7 +211,7 @@ def run_ppo(cfg: PPOConfig, policy: torch.nn.Module, value_model: torch.nn.Modul
     out = start_run(cfg)
     for frozen in (reward_model, reference):
         if frozen is not None:
-            frozen.eval().requires_grad_(False)
+            freeze(frozen, cfg.precision)
     recipe = PPORecipe(policy, value_model, reference, tokenizer, prompts, cfg, reward_fn=reward_fn,
                        reward_model=reward_model, gold_fn=gold_fn)
     if recipe.pool.truncation_warning:

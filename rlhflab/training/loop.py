@@ -14,10 +14,14 @@ accumulation normalised over the whole accumulated batch).
     step ─► plan_step ─► for update: for mb: (loss(mb) / Σ num_items).backward()
                                      clip ─► finite? ─► optimizer.step ─► scheduler.step
          ─► metrics.jsonl / TensorBoard ─► monitors ─► checkpoint
+
+With `precision: bf16`, plan_step (sampling, reference forwards) and every loss forward run under
+bf16 autocast; backward, optimizer, weights and checkpoints stay fp32 (mixed precision).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -73,6 +77,29 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def mixed_precision(precision: str, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """A context for forwards: bf16 autocast (matmuls in bf16, fp32 weights and reductions) or nothing."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
+
+
+def freeze(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """A frozen model (reference, reward model) in eval mode, without gradients.
+
+    Under bf16 its Linear weights are stored in bf16 once: autocast would round them to the same
+    bf16 values on every forward, so the outputs are bit-identical and the cast (~45 ms a step for
+    a 30M reference) is gone. Embeddings, norms and weights tied to the embedding stay fp32.
+    """
+    model.eval().requires_grad_(False)
+    if precision == "bf16":
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and id(module.weight) not in embeddings:
+                module.to(torch.bfloat16)
+    return model
 
 
 def seed_everything(seed: int) -> None:
@@ -158,7 +185,10 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     model = recipe.model
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
+    # fused: one kernel over all parameters (a Python loop of per-tensor ops cost 0.14 s a step at 30M)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2), fused=True
+    )
     total_updates = cfg.max_steps * recipe.updates_per_step
     schedule = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule]
     scheduler = get_scheduler(
@@ -221,11 +251,15 @@ def train(
             for step in range(start_step, cfg.max_steps):
                 model.train()
                 faults.before_step(step)
-                plan = recipe.plan_step(step)
+                with mixed_precision(cfg.precision, model):
+                    plan = recipe.plan_step(step)
                 # a step of several updates (PPO epochs, GRPO iterations) may go bad after some were applied:
                 # in skip mode the whole step is undone, so keep a copy of the state it started from
                 before = _snapshot(model, optimizer, scheduler) if cfg.on_nonfinite == "skip" and len(plan.updates) > 1 else None
-                metrics, applied = _run_updates(plan, loss_fn, optimizer, scheduler, trainable, cfg.max_grad_norm, step)
+                metrics, applied = _run_updates(
+                    plan, loss_fn, optimizer, scheduler, trainable, cfg.max_grad_norm, step,
+                    forward_context=lambda: mixed_precision(cfg.precision, model),
+                )  # fmt: skip
                 if not applied and before is not None:
                     model.load_state_dict(before["model"])
                     optimizer.load_state_dict(before["optimizer"])
@@ -273,7 +307,8 @@ def train(
     return findings
 
 
-def _run_updates(plan: StepPlan, loss_fn, optimizer, scheduler, trainable, max_grad_norm: float, step: int):
+def _run_updates(plan: StepPlan, loss_fn, optimizer, scheduler, trainable, max_grad_norm: float, step: int,
+                 forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):  # fmt: skip
     """Apply each update of the plan; return (metrics averaged by num_items, every update applied?).
 
     `loss_fn` is `recipe.loss` (through DDP under torchrun, where each process runs its share of
@@ -289,7 +324,8 @@ def _run_updates(plan: StepPlan, loss_fn, optimizer, scheduler, trainable, max_g
         mine = distributed.share(micro_batches)
         for i, mb in enumerate(mine):
             with distributed.gradient_sync(last=i == len(mine) - 1):
-                numerator, mb_metrics = loss_fn(mb)
+                with forward_context():  # backward runs outside autocast, as torch recommends
+                    numerator, mb_metrics = loss_fn(mb)
                 loss = faults.poison(numerator / total_items, step)
                 distributed.backward(loss)
             update_loss += loss.item()

@@ -93,7 +93,7 @@ def test_gradients_match_separate_forwards(attn, trim):
 
 def test_indices_by_hand():
     #  row: [p0 p1 p2 | a0 a1 | b0 | q0 | c0 c1]   flat positions 0..8
-    packed = pack_groups([([1, 2, 3], [[4, 5], [6]]), ([7], [[8, 9]])])
+    packed = pack_groups([([1, 2, 3], [[4, 5], [6]]), ([7], [[8, 9]])], row_multiple=1)
     assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2]]
     # a0 and b0 are both predicted by the last prompt token (2); c0 by q0 (6).
@@ -120,7 +120,7 @@ def test_indices_by_hand():
 
 def test_trim_final_tokens_leaves_out_only_last_tokens():
     #  row: [p0 p1 p2 | a0 | q0 | c0]: a1, b0 and c1 are targets only (b has one token: no slot at all)
-    packed = pack_groups([([1, 2, 3], [[4, 5], [6]]), ([7], [[8, 9]])], trim_final_tokens=True)
+    packed = pack_groups([([1, 2, 3], [[4, 5], [6]]), ([7], [[8, 9]])], trim_final_tokens=True, row_multiple=1)
     assert packed.input_ids.tolist() == [[1, 2, 3, 4, 7, 8]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
     assert packed.logit_index.tolist() == [2, 3, 2, 4, 5]
@@ -133,7 +133,7 @@ def test_rows_are_balanced_within_the_budget():
     # group lengths 5 5 4 4 2, budget 12: first fit gives rows [5+5+2 | 4+4], padded to 12;
     # balanced (longest first into the shortest row): [5+4+2 | 5+4], padded to 11
     prompts = [[1] * 4, [2] * 4, [3] * 3, [4] * 3, [6]]
-    packed = pack_groups([(p, [[5]]) for p in prompts], max_row_tokens=12, pad_token_id=0)
+    packed = pack_groups([(p, [[5]]) for p in prompts], max_row_tokens=12, pad_token_id=0, row_multiple=1)
     assert packed.input_ids.shape == (2, 11)
     assert packed.input_ids[0].tolist() == [1] * 4 + [5] + [3] * 3 + [5] + [6, 5]  # input order within a row
     assert packed.input_ids[1].tolist() == [2] * 4 + [5] + [4] * 3 + [5] + [0, 0]
@@ -143,7 +143,7 @@ def test_rows_are_balanced_within_the_budget():
 
 def test_padding_and_rows():
     packed = pack_groups(
-        [([1, 2], [[3]]), ([4] * 5, [[5] * 6]), ([6], [[7]])], max_row_tokens=8, pad_token_id=63
+        [([1, 2], [[3]]), ([4] * 5, [[5] * 6]), ([6], [[7]])], max_row_tokens=8, pad_token_id=63, row_multiple=1
     )
     # group 0 (3 tokens) and group 2 (2 tokens) share row 0; group 1 (11 > 8 tokens) gets its own row.
     assert packed.input_ids.shape == (2, 11)
@@ -241,3 +241,16 @@ def test_mask_follows_model_dtype():
         expected = torch.stack([t.sum() for t in separate_token_logps(model, GROUPS)])
     assert torch.isfinite(out.sequence_logps).all()
     torch.testing.assert_close(out.sequence_logps, expected, atol=0.1, rtol=0.02)
+
+
+def test_row_multiple_pads_rows_without_changing_logps():
+    """Rows rounded up to a multiple of 16: extra padding only, every log-prob bit-for-bit the same."""
+    groups = [([1, 2], [[3]]), ([4] * 5, [[5] * 6]), ([6], [[7]])]
+    exact = pack_groups(groups, max_row_tokens=8, pad_token_id=63, row_multiple=1)
+    rounded = pack_groups(groups, max_row_tokens=8, pad_token_id=63)  # ROW_MULTIPLE = 16
+    assert exact.input_ids.shape == (2, 11) and rounded.input_ids.shape == (2, 16)
+    assert rounded.input_ids[:, 11:].eq(63).all() and rounded.num_computed_tokens == 32
+    assert torch.equal(rounded.target_ids, exact.target_ids)
+    model = tiny_llama().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(packed_forward(model, rounded).token_logps, packed_forward(model, exact).token_logps)

@@ -56,6 +56,12 @@ import torch
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
+# Rows are padded to a multiple of this many tokens. The matmul shapes (rows × row length) then
+# repeat from step to step, so oneDNN reuses its compiled bf16 kernels instead of building new
+# ones for every new length and keeping them all cached: at 30M, DPO bf16 ran 4% faster with
+# 250 MiB less peak RSS, and fp32 7% faster (benchmarks/README.md).
+ROW_MULTIPLE = 16
+
 Group = tuple[list[int], list[list[int]]]
 
 
@@ -151,12 +157,13 @@ def pack_groups(
     pad_token_id: int = 0,
     dtype: torch.dtype = torch.float32,
     trim_final_tokens: bool = False,
+    row_multiple: int = ROW_MULTIPLE,
 ) -> PackedBatch:
     """Pack (prompt, [completion, ...]) groups into rows with a prefix-sharing attention mask.
 
     Each group is ``prompt + c1 + ... + cn`` laid out contiguously (see the module docstring);
     rows are filled up to `max_row_tokens` (first fit, then balanced) and padded with `pad_token_id` to the
-    longest row. `dtype` is the attention mask's dtype and must match the model's.
+    longest row, rounded up to a multiple of `row_multiple`. `dtype` is the attention mask's dtype and must match the model's.
     Prompts must be non-empty (the first completion token needs a position to predict it);
     completions may be empty (they get a log-prob of 0 and length 0).
 
@@ -178,6 +185,7 @@ def pack_groups(
     rows = _balanced_rows(laid_out, max_row_tokens)
     num_rows = len(rows)
     row_len = max(sum(laid_out[g] for g in row) for row in rows)
+    row_len = -(-row_len // row_multiple) * row_multiple
 
     input_ids = torch.full((num_rows, row_len), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((num_rows, row_len), dtype=torch.long)

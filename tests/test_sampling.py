@@ -3,7 +3,14 @@
 import pytest
 import torch
 from tiny_models import tiny_llama
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from rlhflab.core import sampling
 from rlhflab.core.packing import pack_groups, packed_forward, to_padded
@@ -319,3 +326,47 @@ def test_other_architectures_fall_back_to_generic_path():
     for n, completion in enumerate(out.completions()):
         expected = full_forward_logps(model, PROMPTS[int(out.prompt_index[n])], completion, 0.7)
         torch.testing.assert_close(out.logps[n, : len(completion)], expected, atol=1e-5, rtol=1e-5)
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:
+    """Qwen2: the Llama layout plus q/k/v biases (fused with the weights in the lean decode step)."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # nonzero biases, so that a bias left out would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model
+
+
+def test_static_cache_path_with_biases_equals_generic_path(monkeypatch):
+    model = tiny_qwen2()
+    assert sampling._has_llama_layout(model, total_len=64)
+    kwargs = {"num_samples": 3, "max_new_tokens": 12, "temperature": 1.0}
+    fast, generic = (
+        run_sample(model, generic=generic, monkeypatch=monkeypatch, generator=torch.Generator().manual_seed(0), **kwargs)
+        for generic in (False, True)
+    )
+    assert torch.equal(fast.completion_ids, generic.completion_ids)
+    torch.testing.assert_close(fast.logps, generic.logps, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_bf16_autocast_logps_match_the_trainer_forward(architecture):
+    """Under bf16 autocast (--precision bf16) the lean decode step keeps bf16 weight copies and a
+    float32 KV cache; its log-probs agree with the trainer's packed forward to bf16 precision."""
+    model = tiny_llama() if architecture == "llama" else tiny_qwen2()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sample(model, PROMPTS, num_samples=3, max_new_tokens=12, eos_token_id=63, pad_token_id=PAD,
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+        completions = out.completions()
+        groups = [(PROMPTS[i], completions[3 * i : 3 * i + 3]) for i in range(len(PROMPTS))]
+        packed = pack_groups(groups, max_row_tokens=40)
+        with torch.no_grad():
+            packed_logps, mask = to_padded(packed_forward(model, packed).token_logps, packed)
+    width = packed_logps.shape[1]
+    assert torch.equal(mask.long(), out.response_mask[:, :width])
+    torch.testing.assert_close(packed_logps, out.logps[:, :width], atol=0.05, rtol=0.02)
+    assert not torch.equal(packed_logps, out.logps[:, :width])  # bf16 did run: not the fp32 numbers bit for bit

@@ -253,10 +253,18 @@ def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     return norm.weight * normed.to(x.dtype)
 
 
-def _linear(x: torch.Tensor, *linears: torch.nn.Linear) -> torch.Tensor:
-    """x [N, in] through each of `linears` (plain nn.Linear), outputs side by side: [N, sum of outs]."""
-    outs = [F.linear(x, linear.weight, linear.bias) for linear in linears]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+def _fused_linear(*linears: torch.nn.Linear, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of `linears` stacked along the output dimension, in `dtype` (None: as stored).
+
+    One matmul then computes all their outputs side by side ([N, sum of outs]).
+    """
+    weight = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
+    if dtype is not None:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    return weight, bias
 
 
 class _StaticCacheLlama:
@@ -270,11 +278,10 @@ class _StaticCacheLlama:
     RoPE variants stay correct), and `scaled_dot_product_attention` with an additive padding mask.
     The prefill used the model's forward; its cache is copied in here, shared by the k samples.
 
-    Measured on the shared 2-core CPU (interleaved, best of 7): 1.2x the generic path for
-    1 prompt x 8 on the 5M benchmark Llama, ~1.05x for 8 x 8. What is left is matmul time: each
-    step streams all 17 MB of fp32 weights for only 8-64 rows (memory-bound). Fusing q/k/v and
-    gate/up into transposed copies of the weights gained another ~5%: not worth a full weight
-    copy per call.
+    Weights: q/k/v and gate/up are stacked once per call (2 matmuls a layer fewer per token).
+    Under autocast they are also cast once per call to the autocast dtype: decoding reads every
+    weight for only 8-64 rows, so it is bound by memory traffic, and autocast would otherwise
+    re-cast each weight at every step (inference mode keeps no cast cache).
     """
 
     def __init__(self, model: torch.nn.Module, state: _Prefilled, max_new_tokens: int) -> None:
@@ -284,6 +291,8 @@ class _StaticCacheLlama:
         self.head_dim, self.scale = first.head_dim, first.scaling
         self.embed, self.norm = inner.embed_tokens, inner.norm
         rows, k = state.lengths.shape[0], state.num_samples
+        device_type = state.lengths.device.type
+        cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         total = state.attention_mask.shape[1]
         self.prompt_width = total - max_new_tokens  # P
         self.layers = []
@@ -292,24 +301,25 @@ class _StaticCacheLlama:
             prefilled = (state.cache.layers[i].keys, state.cache.layers[i].values)  # [B, H_kv, P, D] each
             kv = []
             for tensor in prefilled:
-                static = tensor.new_empty(rows // k, k, self.kv_heads, total, self.head_dim)
+                # under autocast the cache stays float32: CPU attention over one query is ~4x slower in bf16
+                dtype = torch.float32 if cast is not None else tensor.dtype
+                static = tensor.new_empty(rows // k, k, self.kv_heads, total, self.head_dim, dtype=dtype)
                 static[:, :, :, : self.prompt_width] = tensor[:, None]  # share the prompt: broadcast over k
                 kv.append(static.view(rows, self.kv_heads, total, self.head_dim))  # [N, H_kv, P + max_new, D]
             self.layers.append(
                 {
                     "norm_attn": layer.input_layernorm,
                     "norm_mlp": layer.post_attention_layernorm,
-                    "qkv": (attn.q_proj, attn.k_proj, attn.v_proj),
-                    "o": attn.o_proj,
-                    "gate": mlp.gate_proj,
-                    "up": mlp.up_proj,
-                    "down": mlp.down_proj,
+                    "qkv": _fused_linear(attn.q_proj, attn.k_proj, attn.v_proj, dtype=cast),
+                    "o": _fused_linear(attn.o_proj, dtype=cast),
+                    "gate_up": _fused_linear(mlp.gate_proj, mlp.up_proj, dtype=cast),
+                    "down": _fused_linear(mlp.down_proj, dtype=cast),
                     "act": mlp.act_fn,
                     "keys": kv[0],
                     "values": kv[1],
                 }
             )
-        self.lm_head = model.lm_head
+        self.lm_head = _fused_linear(model.lm_head, dtype=cast)
         # Token t of row n sits at position lengths[n] + t (real tokens only, as in the prefill).
         steps = torch.arange(max_new_tokens, device=state.lengths.device)
         positions = state.lengths[:, None] + steps  # [N, T]
@@ -330,25 +340,25 @@ class _StaticCacheLlama:
         x = F.embedding(tokens[:, 0], self.embed.weight)  # [N, C]
         for layer in self.layers:
             h = _rms_norm(x, layer["norm_attn"])
-            qkv = _linear(h, *layer["qkv"]).view(rows, -1, dim)  # [N, H + 2 H_kv, D]
+            qkv = F.linear(h, *layer["qkv"]).view(rows, -1, dim)  # [N, H + 2 H_kv, D]
             qk = qkv[:, :rotated_heads]  # q and k heads get RoPE together
             flipped = qk.unflatten(-1, (2, dim // 2)).flip(-2).flatten(-2)
             qk = qk * cos + flipped * sin  # [N, H + H_kv, D]
             layer["keys"][:, :, slot] = qk[:, self.heads :]
             layer["values"][:, :, slot] = qkv[:, rotated_heads:]
             out = F.scaled_dot_product_attention(
-                qk[:, : self.heads, None],  # [N, H, 1, D]
+                qk[:, : self.heads, None].to(layer["keys"].dtype),  # [N, H, 1, D]
                 layer["keys"][:, :, : slot + 1],  # [N, H_kv, L, D]
                 layer["values"][:, :, : slot + 1],
                 attn_mask=mask,
                 scale=self.scale,
                 enable_gqa=self.heads != self.kv_heads,
             )  # [N, H, 1, D]
-            x = x + _linear(out.view(rows, -1), layer["o"])
+            x = x + F.linear(out.view(rows, -1), *layer["o"])
             h = _rms_norm(x, layer["norm_mlp"])
-            gate, up = _linear(h, layer["gate"]), _linear(h, layer["up"])  # [N, I] each
-            x = x + _linear(layer["act"](gate) * up, layer["down"])
-        return _linear(_rms_norm(x, self.norm), self.lm_head)  # [N, V]
+            gate, up = F.linear(h, *layer["gate_up"]).chunk(2, dim=-1)  # [N, I] each
+            x = x + F.linear(layer["act"](gate) * up, *layer["down"])
+        return F.linear(_rms_norm(x, self.norm), *self.lm_head)  # [N, V]
 
 
 def _decode(

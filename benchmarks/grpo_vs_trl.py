@@ -4,7 +4,9 @@ Setup (issue 4): a ≈4.5M-parameter Llama (hidden 256, 4 layers, MLP 1024, voca
 nearly every completion runs to the limit), one prompt of ≈21 tokens × 8 completions per step, 32 new
 tokens, beta 0.04 (so both sides run a reference forward), token_mean loss (TRL's default "dapo"), the
 reviews gold reward as the reward function, one torch thread. Each side runs in its own process
-(peak RSS = that process's ru_maxrss); steps/s excludes the first `--warmup` steps.
+(peak RSS = that process's ru_maxrss); steps/s excludes the first `--warmup` steps and counts CPU
+seconds (`time.process_time()`: with one thread the wall time of an idle machine, and robust to other
+jobs sharing the cores).
 
 Precision: TRL's default is bf16=True, which on a CPU with bf16 instructions (avx512_bf16, AMX) runs
 every forward, generation included, under bf16 autocast. Each precision is compared with its own:
@@ -62,17 +64,22 @@ def reward(prompts: list, completions: list, **kwargs) -> list[float]:
 
 
 def run_ours(folder: Path, steps: int, warmup: int, precision: str) -> dict:
+    from rlhflab.algorithms import grpo
     from rlhflab.algorithms.grpo import GRPOConfig, run_grpo
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
     from rlhflab.training.metrics import read_metrics
 
+    stamps = []  # CPU clock at the start of each step, and at the end of the run
+    plan_step = grpo.GRPORecipe.plan_step
+    grpo.GRPORecipe.plan_step = lambda self, step: stamps.append(time.process_time()) or plan_step(self, step)
     out = Path(tempfile.mkdtemp())
     cfg = GRPOConfig(out=str(out), max_steps=steps, batch_size=1, group_size=GROUP, max_new_tokens=NEW_TOKENS, beta=BETA,
                      lr=LR, loss_agg="token_mean", threads=1, progress=False, max_prompt_tokens=256, precision=precision)
     run_grpo(cfg, load_causal_lm(str(folder)), load_tokenizer(str(folder)), prompts(steps), reward_fn=reward,
              reference=load_causal_lm(str(folder)))
+    stamps.append(time.process_time())  # includes the final checkpoint and model save: counted against us
     rows = read_metrics(out)
-    elapsed = rows[-1]["time"] - rows[warmup - 1]["time"]
+    elapsed = stamps[-1] - stamps[warmup]
     tokens = sum(r["num_tokens"] for r in rows[warmup:])
     return {"steps_per_s": (steps - warmup) / elapsed, "tokens_per_s": tokens / elapsed}
 
@@ -86,7 +93,7 @@ def run_trl(folder: Path, steps: int, warmup: int, bf16: bool) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
+            stamps.append(time.process_time())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "completions/mean_length" in logs:

@@ -112,10 +112,13 @@ def _is_scalar_folder(path: str) -> bool:
 
 def token_scores(scalar_model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Scalar output at every position: [B, T]. `attention_mask` may be 2D padding or a 4D additive mask."""
+    """Scalar output at every position: [B, T] float32 (also under bf16 autocast: scores are pooled and compared).
+
+    `attention_mask` may be 2D padding or a 4D additive mask.
+    """
     backbone = scalar_model.base_model
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    return scalar_model.score(hidden).squeeze(-1)
+    return scalar_model.score(hidden).squeeze(-1).float()
 
 
 def score_pooling(scalar_model: PreTrainedModel) -> str:

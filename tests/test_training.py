@@ -241,3 +241,18 @@ def test_bf16_training_tracks_fp32(tmp_path):
         fits.append(recipe.model.weight.detach().clone())
     torch.testing.assert_close(fits[1], fits[0], atol=0.05, rtol=0.02)
     assert not torch.equal(fits[0], fits[1])  # bf16 matmuls did run
+
+
+def test_bf16_without_cpu_support_warns(tmp_path, monkeypatch, capsys):
+    import rlhflab.training.loop as loop
+
+    emulated = loop.bf16_is_emulated
+    monkeypatch.setattr(loop, "bf16_is_emulated", lambda device: True)
+    cfg = _cfg(tmp_path, precision="bf16", max_steps=1)
+    train(cfg, ToyRecipe(cfg))
+    assert "no bf16 instructions" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert not emulated(torch.device("cpu"))  # AMX alone is enough
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert emulated(torch.device("cpu")) and not emulated(torch.device("meta"))

@@ -86,6 +86,14 @@ def mixed_precision(precision: str, model: torch.nn.Module) -> contextlib.Abstra
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
+def bf16_is_emulated(device: torch.device) -> bool:
+    """A CPU without bf16 instructions (avx512_bf16, AMX) emulates bf16 matmuls: slower than fp32."""
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return not any(check() for check in checks if check is not None)
+
+
 def freeze(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """A frozen model (reference, reward model) in eval mode, without gradients.
 
@@ -200,6 +208,9 @@ def train(
     )
     monitors = [NonFiniteMonitor(), *(monitors or [])]
     findings = FindingsLog(out / "diagnostics.jsonl", console)
+    if cfg.precision == "bf16" and main and bf16_is_emulated(next(model.parameters()).device):
+        console.print("[yellow]warning:[/] this CPU has no bf16 instructions (avx512_bf16, AMX): bf16 autocast is "
+                      "emulated and usually slower than --precision fp32")  # fmt: skip
 
     start_step = 0
     if cfg.resume:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -293,6 +293,8 @@ class _StaticCacheLlama:
         rows, k = state.lengths.shape[0], state.num_samples
         device_type = state.lengths.device.type
         cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        # autocast would cast the float32 cache to bf16 again at every step: attention runs outside it
+        self.attention_precision = torch.autocast(device_type, enabled=False) if cast is not None else nullcontext()
         total = state.attention_mask.shape[1]
         self.prompt_width = total - max_new_tokens  # P
         self.layers = []
@@ -302,6 +304,7 @@ class _StaticCacheLlama:
             kv = []
             for tensor in prefilled:
                 # under autocast the cache stays float32: CPU attention over one query is ~4x slower in bf16
+                # (and autocast is switched off around it, see attention_precision)
                 dtype = torch.float32 if cast is not None else tensor.dtype
                 static = tensor.new_empty(rows // k, k, self.kv_heads, total, self.head_dim, dtype=dtype)
                 static[:, :, :, : self.prompt_width] = tensor[:, None]  # share the prompt: broadcast over k
@@ -346,14 +349,15 @@ class _StaticCacheLlama:
             qk = qk * cos + flipped * sin  # [N, H + H_kv, D]
             layer["keys"][:, :, slot] = qk[:, self.heads :]
             layer["values"][:, :, slot] = qkv[:, rotated_heads:]
-            out = F.scaled_dot_product_attention(
-                qk[:, : self.heads, None].to(layer["keys"].dtype),  # [N, H, 1, D]
-                layer["keys"][:, :, : slot + 1],  # [N, H_kv, L, D]
-                layer["values"][:, :, : slot + 1],
-                attn_mask=mask,
-                scale=self.scale,
-                enable_gqa=self.heads != self.kv_heads,
-            )  # [N, H, 1, D]
+            with self.attention_precision:
+                out = F.scaled_dot_product_attention(
+                    qk[:, : self.heads, None].to(layer["keys"].dtype),  # [N, H, 1, D]
+                    layer["keys"][:, :, : slot + 1],  # [N, H_kv, L, D]
+                    layer["values"][:, :, : slot + 1],
+                    attn_mask=mask,
+                    scale=self.scale,
+                    enable_gqa=self.heads != self.kv_heads,
+                )  # [N, H, 1, D]
             x = x + F.linear(out.view(rows, -1), *layer["o"])
             h = _rms_norm(x, layer["norm_mlp"])
             gate, up = F.linear(h, *layer["gate_up"]).chunk(2, dim=-1)  # [N, I] each

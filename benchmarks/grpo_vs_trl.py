@@ -13,7 +13,7 @@ every forward, generation included, under bf16 autocast. Each precision is compa
 rlhflab (fp32) with `trl-fp32` (bf16=False), `rlhflab-bf16` (--precision bf16) with `trl` (default).
 
     pip install trl --no-deps   (plus its missing dependencies with --no-deps; torch stays as it is)
-    .venv/bin/python benchmarks/grpo_vs_trl.py [--steps 12] [--warmup 2]
+    .venv/bin/python benchmarks/grpo_vs_trl.py [--steps 12] [--warmup 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--side", choices=[*SIDES, "sampler"], default=None)
     parser.add_argument("--sides", default="sampler,rlhflab,trl-fp32,rlhflab-bf16,trl")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all sides, interleaved; medians are reported")
     parser.add_argument("--folder", type=Path, default=None)
     args = parser.parse_args()
     if args.side:
@@ -174,21 +176,25 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp()) / "model"
     build_model_folder(folder)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    results = {}
-    for name in args.sides.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--side", name, "--folder", str(folder), "--steps",
-                               str(args.steps), "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(line[0][len("RESULT "):])
+    rounds: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the shared machine hits every side
+        for name in args.sides.split(","):
+            proc = subprocess.run([sys.executable, __file__, "--side", name, "--folder", str(folder), "--steps",
+                                   str(args.steps), "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            rounds.setdefault(name, []).append(json.loads(line[0][len("RESULT "):]))
+    results = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
+    print(f"medians of {args.repeats} interleaved rounds; per-round ratios in brackets")
     for trl_side, ours_side in SAME_PRECISION.items():
         if trl_side not in results or ours_side not in results:
             continue
         ours, trl = results[ours_side], results[trl_side]
         print(f"\n| | {ours_side} | {trl_side} | ratio |\n|---|---|---|---|")
         for key, label in (("steps_per_s", "steps/s"), ("tokens_per_s", "completion tokens/s"), ("peak_rss_mb", "peak RSS (MB)")):
-            print(f"| {label} | {ours[key]:.2f} | {trl[key]:.2f} | {ours[key] / trl[key]:.2f}× |")
+            per_round = ", ".join(f"{a[key] / b[key]:.2f}" for a, b in zip(rounds[ours_side], rounds[trl_side], strict=True))
+            print(f"| {label} | {ours[key]:.2f} | {trl[key]:.2f} | {ours[key] / trl[key]:.2f}× ({per_round}) |")
     if "sampler" in results:
         s = results["sampler"]
         print(f"\nsampler: {s['sample_tokens_per_s']:.0f} tokens/s vs model.generate {s['generate_tokens_per_s']:.0f} "

@@ -26,8 +26,9 @@ from rlhflab.data.loading import from_records
 from rlhflab.diagnostics.findings import read_findings
 from rlhflab.models.tokenizer import train_tokenizer
 from rlhflab.tasks.reviews import ReviewsTask
-from rlhflab.training.loop import freeze, mixed_precision, train
+from rlhflab.training.loop import train
 from rlhflab.training.metrics import read_metrics
+from rlhflab.training.precision import freeze, mixed_precision
 
 TRL_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
 TRL_NAMES += ["logps/chosen", "logps/rejected", "grad_norm", "lr", "num_tokens", "tokens_per_second"]

@@ -13,8 +13,8 @@ from rlhflab.algorithms.grpo import GRPOConfig, GRPORecipe, run_grpo
 from rlhflab.errors import InputError
 from rlhflab.models.tokenizer import train_tokenizer
 from rlhflab.rewards import call_reward_fn, load_reward_fn
-from rlhflab.training.loop import mixed_precision
 from rlhflab.training.metrics import read_metrics
+from rlhflab.training.precision import mixed_precision
 
 PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
 

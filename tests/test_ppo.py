@@ -11,8 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from rlhflab.algorithms.ppo import KLController, PPOConfig, PPORecipe, run_ppo
 from rlhflab.models.tokenizer import train_tokenizer
-from rlhflab.training.loop import mixed_precision
 from rlhflab.training.metrics import read_metrics
+from rlhflab.training.precision import mixed_precision
 
 PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
 

@@ -245,8 +245,8 @@ def test_bf16_training_tracks_fp32(tmp_path):
 
 def test_bf16_without_cpu_support_warns(tmp_path, monkeypatch, capsys):
     import rlhflab.training.loop as loop
+    from rlhflab.training.precision import bf16_is_emulated as emulated
 
-    emulated = loop.bf16_is_emulated
     monkeypatch.setattr(loop, "bf16_is_emulated", lambda device: True)
     cfg = _cfg(tmp_path, precision="bf16", max_steps=1)
     train(cfg, ToyRecipe(cfg))

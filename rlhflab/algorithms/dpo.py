@@ -44,15 +44,8 @@ from rlhflab.diagnostics.dpo import (
 )
 from rlhflab.diagnostics.findings import Monitor
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
-from rlhflab.training.loop import (
-    StepPlan,
-    emit_finding,
-    freeze,
-    mixed_precision,
-    save_final_model,
-    start_run,
-    train,
-)
+from rlhflab.training.loop import StepPlan, emit_finding, save_final_model, start_run, train
+from rlhflab.training.precision import freeze, mixed_precision
 
 Pair = tuple[TokenizedExample, TokenizedExample]  # (chosen, rejected), same prompt ids
 

@@ -41,7 +41,8 @@ from rlhflab.core.policy_loss import aggregate, ppo_clip_loss, ppo_clip_token_lo
 from rlhflab.diagnostics.rl import grpo_monitors
 from rlhflab.rewards import RewardFn
 from rlhflab.training.data_order import split_micro_batches
-from rlhflab.training.loop import StepPlan, console, freeze, save_final_model, start_run, train
+from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
+from rlhflab.training.precision import freeze
 
 
 @dataclass

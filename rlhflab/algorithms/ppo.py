@@ -49,7 +49,8 @@ from rlhflab.core.policy_loss import (
 from rlhflab.diagnostics.rl import ppo_monitors
 from rlhflab.rewards import RewardFn
 from rlhflab.training.data_order import split_micro_batches
-from rlhflab.training.loop import StepPlan, console, freeze, save_final_model, start_run, train
+from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
+from rlhflab.training.precision import freeze
 
 
 @dataclass

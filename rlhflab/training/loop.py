@@ -48,6 +48,7 @@ from rlhflab.training.checkpoint import (
     save_checkpoint,
 )
 from rlhflab.training.metrics import MetricsWriter, truncate_jsonl
+from rlhflab.training.precision import bf16_is_emulated, mixed_precision
 
 console = Console(stderr=True)
 
@@ -77,37 +78,6 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def mixed_precision(precision: str, model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """A context for forwards: bf16 autocast (matmuls in bf16, fp32 weights and reductions) or nothing."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
-
-
-def bf16_is_emulated(device: torch.device) -> bool:
-    """A CPU without bf16 instructions (avx512_bf16, AMX) emulates bf16 matmuls: slower than fp32."""
-    if device.type != "cpu":
-        return False
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return not any(check() for check in checks if check is not None)
-
-
-def freeze(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """A frozen model (reference, reward model) in eval mode, without gradients.
-
-    Under bf16 its Linear weights are stored in bf16 once: autocast would round them to the same
-    bf16 values on every forward, so the outputs are bit-identical and the cast (~45 ms a step for
-    a 30M reference) is gone. Embeddings, norms and weights tied to the embedding stay fp32.
-    """
-    model.eval().requires_grad_(False)
-    if precision == "bf16":
-        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and id(module.weight) not in embeddings:
-                module.to(torch.bfloat16)
-    return model
 
 
 def seed_everything(seed: int) -> None:

@@ -132,6 +132,7 @@ def test_misspelt_keys_suggest_the_closest(cls):
     ("seed: 123456789012345678901234567890\n", "at most"),
     ("lr_schedule: cosin\n", "one of cosine"),
     ("on_nonfinite: ignore\n", "one of stop, skip"),
+    ("precision: fp16\n", "one of fp32, bf16"),
     ("log_every: 0\n", "at least 1"),
     ("keep_checkpoints: 0\n", "at least 1"),
     ("warmup_ratio: 2\n", "at most"),

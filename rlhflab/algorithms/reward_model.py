@@ -20,7 +20,7 @@ import torch
 
 from rlhflab.config import RunConfig
 from rlhflab.core.losses import bradley_terry_loss
-from rlhflab.core.packing import PackedBatch, pack_groups, to_padded
+from rlhflab.core.packing import PackedBatch, mask_for, pack_groups, to_padded
 from rlhflab.data.collate import TokenizedExample
 from rlhflab.models.loading import pool_scores, score_pooling, token_scores
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
@@ -55,7 +55,7 @@ def pack_pairs(pairs: list[Pair], pad_token_id: int, max_row_tokens: int = 256) 
 
 def pair_scores(model: torch.nn.Module, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """r(x, y_c), r(x, y_r) of each packed pair: [B] each, pooled as `score_pooling(model)` says."""
-    scores = token_scores(model, packed.input_ids, packed.attention_mask, packed.position_ids).reshape(-1)  # [R*L]
+    scores = token_scores(model, packed.input_ids, mask_for(model, packed), packed.position_ids).reshape(-1)  # [R*L]
     per_token, response_mask = to_padded(scores[packed.token_index], packed)  # [2B, T] each, left-aligned
     rewards = pool_scores(per_token, response_mask, score_pooling(model))  # [2B]
     return rewards[0::2], rewards[1::2]

@@ -22,6 +22,7 @@ from rlhflab.config import RunConfig
 from rlhflab.core.packing import (
     PackedBatch,
     check_attention_implementation,
+    mask_for,
     pack_groups,
     packed_forward,
     to_padded,
@@ -153,12 +154,8 @@ def packed_values(value_model: torch.nn.Module, packed: PackedBatch) -> torch.Te
     """V(s_t) for every completion token t: the scalar head at the position that predicts token t
     (the state before the token is chosen, as in TRL's PPO). [n, T]."""
     check_attention_implementation(value_model)
-    dtype = next(value_model.parameters()).dtype
-    mask = packed.attention_mask
-    if mask.dtype != dtype:
-        mask = torch.zeros_like(mask, dtype=dtype).masked_fill_(mask != 0, torch.finfo(dtype).min)
-    scores = token_scores(value_model, packed.input_ids, mask, packed.position_ids)  # [R, L]
-    return to_padded(scores.flatten()[packed.logit_index].float(), packed)[0]
+    scores = token_scores(value_model, packed.input_ids, mask_for(value_model, packed), packed.position_ids)  # [R, L]
+    return to_padded(scores.flatten()[packed.logit_index], packed)[0]  # float32: token_scores returns it
 
 
 def completion_metrics(rollout: Rollout) -> dict[str, float]:

@@ -324,11 +324,7 @@ def packed_forward(
     check_attention_implementation(model)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    mask = packed.attention_mask
-    model_dtype = next(model.parameters()).dtype
-    if mask.dtype != model_dtype:  # re-express 0 / min in the model's dtype
-        mask = torch.zeros_like(mask, dtype=model_dtype).masked_fill_(mask != 0, torch.finfo(model_dtype).min)
-    logits = _gathered_logits(model, packed, mask).float()  # [N_tok, V]
+    logits = _gathered_logits(model, packed, mask_for(model, packed)).float()  # [N_tok, V]
     if temperature != 1.0:
         logits = logits / temperature
     log_norm = torch.logsumexp(logits, dim=-1)  # [N_tok]
@@ -346,6 +342,14 @@ def packed_forward(
         sequence_logps=sequence_logps,
         sequence_lengths=packed.completion_lengths,
     )
+
+
+def mask_for(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """The packed attention mask in the model's dtype (0 / dtype min re-expressed when they differ)."""
+    mask, dtype = packed.attention_mask, next(model.parameters()).dtype
+    if mask.dtype == dtype:
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask != 0, torch.finfo(dtype).min)
 
 
 def to_padded(

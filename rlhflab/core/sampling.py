@@ -273,7 +273,7 @@ class _StaticCacheLlama:
     Why: decoding a few rows of a small model is a few dozen MFLOP a step, so the model forward's
     per-call work -- mask building, cache concatenation, output dataclasses, module hooks -- is a
     large share of a step. This class runs the same maths on the model's own modules and weights
-    (no copies): a preallocated KV tensor per layer written in place ([N, H_kv, P + max_new, D]),
+    (stacked as below): a preallocated KV tensor per layer written in place ([N, H_kv, P + max_new, D]),
     RoPE cos/sin for every row and step computed once by the model's own `rotary_emb` (so scaled
     RoPE variants stay correct), and `scaled_dot_product_attention` with an additive padding mask.
     The prefill used the model's forward; its cache is copied in here, shared by the k samples.
@@ -281,7 +281,9 @@ class _StaticCacheLlama:
     Weights: q/k/v and gate/up are stacked once per call (2 matmuls a layer fewer per token).
     Under autocast they are also cast once per call to the autocast dtype: decoding reads every
     weight for only 8-64 rows, so it is bound by memory traffic, and autocast would otherwise
-    re-cast each weight at every step (inference mode keeps no cast cache).
+    re-cast each weight at every step (inference mode keeps no cast cache). The KV cache stays
+    float32 and attention runs outside autocast: CPU attention over one query is ~4x slower in
+    bf16, and autocast would cast the whole cache back to bf16 at every step.
     """
 
     def __init__(self, model: torch.nn.Module, state: _Prefilled, max_new_tokens: int) -> None:
@@ -293,7 +295,6 @@ class _StaticCacheLlama:
         rows, k = state.lengths.shape[0], state.num_samples
         device_type = state.lengths.device.type
         cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        # autocast would cast the float32 cache to bf16 again at every step: attention runs outside it
         self.attention_precision = torch.autocast(device_type, enabled=False) if cast is not None else nullcontext()
         total = state.attention_mask.shape[1]
         self.prompt_width = total - max_new_tokens  # P
@@ -303,8 +304,6 @@ class _StaticCacheLlama:
             prefilled = (state.cache.layers[i].keys, state.cache.layers[i].values)  # [B, H_kv, P, D] each
             kv = []
             for tensor in prefilled:
-                # under autocast the cache stays float32: CPU attention over one query is ~4x slower in bf16
-                # (and autocast is switched off around it, see attention_precision)
                 dtype = torch.float32 if cast is not None else tensor.dtype
                 static = tensor.new_empty(rows // k, k, self.kv_heads, total, self.head_dim, dtype=dtype)
                 static[:, :, :, : self.prompt_width] = tensor[:, None]  # share the prompt: broadcast over k

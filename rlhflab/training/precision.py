@@ -26,7 +26,8 @@ def bf16_is_emulated(device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return not any(check() for check in checks if check is not None)
+    checks = [check for check in checks if check is not None]
+    return bool(checks) and not any(check() for check in checks)  # a torch without these checks: unknown, no claim
 
 
 def freeze(model: torch.nn.Module, precision: str) -> torch.nn.Module:

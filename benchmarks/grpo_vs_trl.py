@@ -145,13 +145,69 @@ def run_sampler(folder: Path, repeats: int = 3) -> dict:
     return best
 
 
+def run_floor(folder: Path, precision: str, repeats: int = 20) -> dict:
+    """Steps/s if a GRPO step were nothing but its matmuls, run by the same kernels (MKL / oneDNN).
+
+    One step of the benchmark multiplies by every weight matrix: 31 decode steps of 8 rows (plus a
+    22-token prefill), then the reference forward, the policy forward and its backward over one
+    packed row of 288 tokens (prompt once + 8 x 32 completion tokens, rounded up to 16). The
+    backward multiplies twice per weight (input and weight gradient). Attention, norms, sampling
+    and Python are left out, so no implementation of this step can beat this rate on this machine
+    with these kernels: floor_steps_per_s / TRL steps/s bounds the achievable ratio.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(folder))
+    hidden, inner = config.hidden_size, config.intermediate_size
+    head_dim = hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # (out, in) of each weight of a layer, separate as in the model; the decode step stacks q/k/v and gate/up
+    layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inner, hidden), (inner, hidden), (hidden, inner)]
+    decode_layer = [(hidden + 2 * kv, hidden), (hidden, hidden), (2 * inner, hidden), (hidden, inner)]
+    lm_head = (config.vocab_size, hidden)
+
+    def weights(shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        return [torch.randn(*shape, dtype=dtype) / shape[1] ** 0.5 for shape in shapes]
+
+    train_w = weights(layer * config.num_hidden_layers + [lm_head])
+    decode_w = weights(decode_layer * config.num_hidden_layers + [lm_head])
+    tokens = 288
+    inputs = {(rows, width): torch.randn(rows, width, dtype=dtype)
+              for rows in (8, 22, tokens) for width in {hidden, inner, config.vocab_size}}
+
+    def step() -> None:
+        for rows, count in ((22, 1), (8, NEW_TOKENS - 1)):  # prefill, then one decode step per new token but the last
+            for _ in range(count):
+                for w in decode_w:
+                    torch.nn.functional.linear(inputs[rows, w.shape[1]], w)
+        for _ in range(2):  # reference forward, policy forward
+            for w in train_w:
+                torch.nn.functional.linear(inputs[tokens, w.shape[1]], w)
+        for w in train_w:  # backward: input gradient [T, out] @ [out, in], weight gradient [out, T] @ [T, in]
+            inputs[tokens, w.shape[0]] @ w
+            inputs[tokens, w.shape[0]].t() @ inputs[tokens, w.shape[1]]
+
+    with torch.inference_mode():
+        step()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            step()
+            times.append(time.process_time() - start)
+    return {"steps_per_s": 1 / statistics.median(times)}
+
+
 SIDES = {
     "rlhflab": lambda *a: run_ours(*a, precision="fp32"),
     "trl-fp32": lambda *a: run_trl(*a, bf16=False),
     "rlhflab-bf16": lambda *a: run_ours(*a, precision="bf16"),
     "trl": lambda *a: run_trl(*a, bf16=True),
+    "floor": lambda folder, *a: run_floor(folder, "fp32"),
+    "floor-bf16": lambda folder, *a: run_floor(folder, "bf16"),
 }
 SAME_PRECISION = {"trl-fp32": "rlhflab", "trl": "rlhflab-bf16"}  # each TRL side and the rlhflab side it is compared with
+FLOOR = {"trl-fp32": "floor", "trl": "floor-bf16"}  # each TRL side and the matmul floor at its precision
 
 
 def side(name: str, folder: Path, steps: int, warmup: int) -> None:
@@ -166,7 +222,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--side", choices=[*SIDES, "sampler"], default=None)
-    parser.add_argument("--sides", default="sampler,rlhflab,trl-fp32,rlhflab-bf16,trl")
+    parser.add_argument("--sides", default="sampler,floor,floor-bf16,rlhflab,trl-fp32,rlhflab-bf16,trl")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all sides, interleaved; medians are reported")
     parser.add_argument("--folder", type=Path, default=None)
     args = parser.parse_args()
@@ -195,6 +251,11 @@ def main() -> None:
         for key, label in (("steps_per_s", "steps/s"), ("tokens_per_s", "completion tokens/s"), ("peak_rss_mb", "peak RSS (MB)")):
             per_round = ", ".join(f"{a[key] / b[key]:.2f}" for a, b in zip(rounds[ours_side], rounds[trl_side], strict=True))
             print(f"| {label} | {ours[key]:.2f} | {trl[key]:.2f} | {ours[key] / trl[key]:.2f}× ({per_round}) |")
+    for trl_side, floor_side in FLOOR.items():
+        if trl_side in results and floor_side in results:
+            floor, trl = results[floor_side]["steps_per_s"], results[trl_side]["steps_per_s"]
+            print(f"\nmatmul floor ({floor_side}): {floor:.2f} steps/s, {floor / trl:.2f}× {trl_side}: "
+                  "no implementation with these kernels gets a higher ratio")
     if "sampler" in results:
         s = results["sampler"]
         print(f"\nsampler: {s['sample_tokens_per_s']:.0f} tokens/s vs model.generate {s['generate_tokens_per_s']:.0f} "

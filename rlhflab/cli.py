@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
 # Commands whose training runs data-parallel under torchrun; any other would run N copies into one folder.
-DATA_PARALLEL_COMMANDS = ("pretrain", "sft", "rm", "dpo")
+DATA_PARALLEL_COMMANDS = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
 
 
 def _quiet_libraries() -> None:

@@ -219,8 +219,10 @@ def grpo(cfg: Any) -> Path:
 
     cfg, a = _rl_inputs(cfg)
     reference = load_causal_lm(a["policy_path"], cfg.trust_remote_code) if cfg.beta > 0 else None
-    path = run_grpo(cfg, load_causal_lm(a["policy_path"], cfg.trust_remote_code), a["tokenizer"], a["prompts"],
-                    reward_fn=a["reward_fn"], reward_model=a["reward_model"], reference=reference, gold_fn=a["gold_fn"])
+    with data_parallel():  # under torchrun: each process samples its share of every step's prompts
+        path = run_grpo(cfg, load_causal_lm(a["policy_path"], cfg.trust_remote_code), a["tokenizer"], a["prompts"],
+                        reward_fn=a["reward_fn"], reward_model=a["reward_model"], reference=reference,
+                        gold_fn=a["gold_fn"])
     console.print(f"GRPO policy: {path}")
     return path
 
@@ -232,9 +234,10 @@ def ppo(cfg: Any) -> Path:
     if cfg.value_init not in ("reward_model", "policy"):
         raise InputError("value_init must be reward_model or policy", field="value_init")
     value_from = a["rm_path"] if cfg.value_init == "reward_model" and a["rm_path"] else a["policy_path"]
-    path = run_ppo(cfg, load_causal_lm(a["policy_path"], cfg.trust_remote_code), load_scalar_model(value_from),
-                   load_causal_lm(a["policy_path"], cfg.trust_remote_code), a["tokenizer"], a["prompts"],
-                   reward_fn=a["reward_fn"], reward_model=a["reward_model"], gold_fn=a["gold_fn"])
+    with data_parallel():  # under torchrun: each process samples its share of every step's prompts
+        path = run_ppo(cfg, load_causal_lm(a["policy_path"], cfg.trust_remote_code), load_scalar_model(value_from),
+                       load_causal_lm(a["policy_path"], cfg.trust_remote_code), a["tokenizer"], a["prompts"],
+                       reward_fn=a["reward_fn"], reward_model=a["reward_model"], gold_fn=a["gold_fn"])
     console.print(f"PPO policy: {path}")
     return path
 

@@ -1,10 +1,11 @@
 """Data parallelism (training/distributed.py): N processes with a global batch B train as one process with B.
 
 The multi-process test is one torchrun launch of 2 processes (gloo, one thread each) that runs, one
-after another: SFT, SFT stopped by a SIGTERM sent to rank 1 alone and then resumed, a reward model
-and DPO (2 micro-batches per process). Each is checked against the same command run as one process
-here (the independent reference): the same losses and metrics step by step, the same findings and
-the same final weights, to float tolerance.
+after another: SFT, SFT stopped by a SIGTERM sent to rank 1 alone and then resumed, a reward model,
+DPO (2 micro-batches per process), GRPO (a reward function) and PPO (a reward model; 2 minibatches ×
+2 epochs), where each process samples half of every step's prompts. Each is checked against the same
+command run as one process here (the independent reference): the same losses and metrics step by
+step, the same findings and the same final weights, to float tolerance.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from rlhflab.training.loop import train
 from rlhflab.training.metrics import read_metrics
 
 # Wall time differs between any two runs; packing efficiency and the reward model's reward_std (a standard
-# deviation within each micro-batch) depend on how a step is cut into micro-batches.
-UNCOMPARABLE = {"time", "tokens_per_second", "packing/efficiency", "reward_std"}
+# deviation within each micro-batch) depend on how a step is cut into micro-batches. PPO's clip fractions count
+# tokens past a clip boundary: after the first update a token at the boundary may fall on either side under the
+# float rounding of gradients summed in another order (one token of 64 in a run here).
+UNCOMPARABLE = {"time", "tokens_per_second", "packing/efficiency", "reward_std", "policy/clip_frac", "value/clip_frac"}
 
 # One torchrun worker: rlhflab commands one after another. Processes other than rank 0 leave a command
 # with RunContinuesOnMain when its training is done; a fault is injected into one rank only.
@@ -98,9 +101,9 @@ def test_batch_must_split_evenly_over_processes(world, tmp_path):
 
 def test_cli_refuses_commands_that_are_not_data_parallel(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    result = CliRunner().invoke(app, ["grpo", "--task", "arithmetic"])
+    result = CliRunner().invoke(app, ["eval", "--task", "arithmetic"])
     assert result.exit_code == 2
-    assert "grpo under torchrun is not supported yet" in " ".join(result.output.split())
+    assert "eval under torchrun is not supported yet" in " ".join(result.output.split())
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +128,31 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         tokenizer.save_pretrained(root / folder)
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task.sft_examples(16, seed=0)))
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task.constructed_pairs(24, seed=0)))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in task.train_prompts(16, seed=0)))
+    # a reward that varies within a group of the untrained model's samples, so that GRPO has advantages to follow
+    (root / "reward.py").write_text("def vowels(prompts, completions, **kwargs):\n"
+                                    "    return [float(sum(c.count(v) for v in 'aeiou')) for c in completions]\n")
     return {"model": str(root / "model"), "scalar": str(root / "scalar"), "sft": str(root / "sft.jsonl"),
-            "pairs": str(root / "pairs.jsonl")}
+            "pairs": str(root / "pairs.jsonl"), "prompts": str(root / "prompts.jsonl"),
+            "reward_fn": f"{root / 'reward.py'}:vowels"}
 
 
 def _args(command: str, inputs: dict[str, str], out: Path, *extra: str) -> list[str]:
-    """6 steps of 4 examples (16 SFT examples: the run crosses an epoch boundary), checkpoints every 2."""
-    data = inputs["sft"] if command == "sft" else inputs["pairs"]
+    """6 steps of 4 examples (16 SFT examples: the run crosses an epoch boundary), checkpoints every 2;
+    RL: 4 steps of 4 prompts × 4 (GRPO) or × 2 (PPO) samples of 8 tokens."""
+    data = {"sft": inputs["sft"], "grpo": inputs["prompts"], "ppo": inputs["prompts"]}.get(command, inputs["pairs"])
     model = inputs["scalar"] if command == "rm" else inputs["model"]
+    rl = command in ("grpo", "ppo")
     args = [command, "--model", model, "--data", data, "--out", str(out), "--seed", "1", "--threads", "1",
-            "--no-progress", "--max-steps", "6", "--batch-size", "4", "--lr", "1e-2", "--checkpoint-every", "2"]
+            "--no-progress", "--max-steps", "4" if rl else "6", "--batch-size", "4", "--lr", "1e-3" if rl else "1e-2",
+            "--checkpoint-every", "2"]  # fmt: skip
     if command == "dpo":
         args += ["--eval-every", "3", "--cache-dir", str(out.parent / f"cache-{out.name}")]
+    if command == "grpo":
+        args += ["--reward-fn", inputs["reward_fn"], "--group-size", "4", "--max-new-tokens", "8"]
+    if command == "ppo":
+        args += ["--reward-model", inputs["scalar"], "--group-size", "2", "--max-new-tokens", "8",
+                 "--num-minibatches", "2", "--ppo-epochs", "2"]  # fmt: skip
     return [*args, *extra]
 
 
@@ -173,7 +189,7 @@ def _launch(args: list[str], env: dict[str, str], timeout: float = 240) -> tuple
 
 def test_two_processes_train_as_one(inputs, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    for command in ("sft", "rm", "dpo"):
+    for command in ("sft", "rm", "dpo", "grpo", "ppo"):
         result = CliRunner().invoke(app, _args(command, inputs, one / command))
         assert result.exit_code == 0, result.output
 
@@ -186,6 +202,8 @@ def test_two_processes_train_as_one(inputs, tmp_path):
         {"name": "rm", "args": _args("rm", inputs, two / "rm")},
         # 2 micro-batches per process (gradients exchanged on the second only) against 1 in one process
         {"name": "dpo", "args": _args("dpo", inputs, two / "dpo", "--grad-accum", "2")},
+        {"name": "grpo", "args": _args("grpo", inputs, two / "grpo")},
+        {"name": "ppo", "args": _args("ppo", inputs, two / "ppo")},
     ]
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
@@ -197,11 +215,18 @@ def test_two_processes_train_as_one(inputs, tmp_path):
     assert results == sorted(
         [["0", "sft", "0"], ["1", "sft", "left"], ["0", "sft-stopped", "130"], ["1", "sft-stopped", "130"],
          ["0", "sft-resumed", "0"], ["1", "sft-resumed", "left"], ["0", "rm", "0"], ["1", "rm", "left"],
-         ["0", "dpo", "0"], ["1", "dpo", "left"]]
+         ["0", "dpo", "0"], ["1", "dpo", "left"], ["0", "grpo", "0"], ["1", "grpo", "left"], ["0", "ppo", "0"],
+         ["1", "ppo", "left"]]
     ), stdout  # fmt: skip
 
     _assert_same_run(one / "sft", two / "sft")
     _assert_same_run(one / "sft", two / "sft-resumed")
+    start = load_file(Path(inputs["model"]) / "model.safetensors")
+    for command in ("grpo", "ppo"):
+        _assert_same_run(one / command, two / command)
+        trained = load_file(two / command / "model" / "model.safetensors")
+        moved = max((trained[key] - start[key]).abs().max().item() for key in start)
+        assert moved > 1e-3, f"{command}: the policy did not move, so equal weights prove nothing"
     for command in ("rm", "dpo"):
         _assert_same_run(one / command, two / command)
         assert json.loads((two / command / "eval.json").read_text()) == pytest.approx(

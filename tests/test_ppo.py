@@ -136,3 +136,20 @@ def test_resume_gives_identical_metrics(tmp_path):
     assert [{k: v for k, v in m.items() if k != "time"} for m in resumed] == [
         {k: v for k, v in m.items() if k != "time"} for m in full
     ]
+
+
+def test_minibatches_must_split_over_processes(tmp_path, monkeypatch):
+    """Under torchrun every minibatch is cut into grad_accum micro-batches per process: 4 prompts in 2 minibatches
+    fit 2 processes, in 4 minibatches they do not (an input error before any sampling)."""
+    from rlhflab.errors import InputError
+    from rlhflab.training import distributed
+
+    tokenizer = tiny_tokenizer()
+    policy, value, reference, _ = models(tokenizer)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with distributed.data_parallel():
+        PPORecipe(policy, value, reference, tokenizer, PROMPTS, config(tmp_path), reward_fn=count_a)
+        with pytest.raises(InputError, match="multiple of 8"):
+            PPORecipe(policy, value, reference, tokenizer, PROMPTS, config(tmp_path, num_minibatches=4),
+                      reward_fn=count_a)

@@ -174,6 +174,35 @@ def test_seeded_generator_is_deterministic(model):
     assert not torch.equal(a.completion_ids, c.completion_ids)
 
 
+def test_seeds_make_each_prompts_samples_independent_of_the_batch(model, frequent_eos):
+    """With one seed per prompt, sampling 4 prompts together gives what 4 calls of one prompt give (the
+    property that lets a rollout batch be split over processes), and a prompt's seed alone moves its samples."""
+    kwargs = dict(num_samples=3, max_new_tokens=10, top_p=0.95, eos_token_id=frequent_eos, pad_token_id=PAD)
+    seeds = [101, 102, 103, 104]
+    together = sample(model, PROMPTS, seeds=seeds, **kwargs)
+    for i, prompt in enumerate(PROMPTS):
+        alone = sample(model, [prompt], seeds=[seeds[i]], **kwargs)
+        assert alone.completions() == together.completions()[3 * i : 3 * i + 3]
+        width = alone.logps.shape[1]
+        torch.testing.assert_close(alone.logps, together.logps[3 * i : 3 * i + 3, :width], rtol=0, atol=1e-5)
+    other = sample(model, PROMPTS, seeds=[101, 102, 103, 999], **kwargs)
+    assert other.completions()[:9] == together.completions()[:9]
+    assert other.completions()[9:] != together.completions()[9:]
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        sample(model, PROMPTS, seeds=[1, 2], **kwargs)
+    with pytest.raises(ValueError, match="not both"):
+        sample(model, PROMPTS, seeds=seeds, generator=torch.Generator(), **kwargs)
+
+
+def test_inverse_cdf_never_picks_a_token_of_probability_zero():
+    """Uniforms at the edges of [0, 1) with top-k 2: only the two kept tokens come out, each for its share of u."""
+    logits = torch.tensor([[0.0, 3.0, -1.0, 2.0]]).repeat(5, 1)  # top-2: tokens 1 (p 0.731) and 3 (p 0.269)
+    uniforms = torch.tensor([0.0, 0.5, 0.7310, 0.7312, 1.0 - 2**-24])
+    tokens, logps = sampling._next_tokens(logits, uniforms, temperature=1.0, top_k=2, top_p=1.0)
+    assert tokens.tolist() == [1, 1, 1, 3, 3]
+    torch.testing.assert_close(logps, torch.log_softmax(logits, -1)[range(5), tokens])
+
+
 def first_token_probs(model, prompt, temperature):
     with torch.no_grad():
         return torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1] / temperature, dim=-1)

@@ -34,6 +34,7 @@ from rlhflab.algorithms.rollout import (
     policy_logps,
     rows_of,
     score,
+    step_seeds,
 )
 from rlhflab.core.advantages import group_advantages, group_reward_std
 from rlhflab.core.kl import kl_k3
@@ -72,13 +73,13 @@ class GRPORecipe:
         self.reward_fn, self.reward_model, self.reference, self.gold_fn = reward_fn, reward_model, reference, gold_fn
         self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed)
         self.settings = SamplingSettings(cfg.max_new_tokens or 32, cfg.temperature, cfg.top_p, cfg.top_k)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.updates_per_step = cfg.num_iterations
 
     def plan_step(self, step: int) -> StepPlan:
         cfg, k = self.cfg, self.cfg.group_size
         prompts, prompt_ids = self.pool.take(cfg.batch_size)
-        rollout = generate(self.model, self.tokenizer, prompts, prompt_ids, k, self.settings, self.generator)
+        seeds = step_seeds(cfg.seed, step, len(prompts))
+        rollout = generate(self.model, self.tokenizer, prompts, prompt_ids, k, self.settings, seeds)
         rewards = score(rollout, self.reward_fn, self.reward_model, self.tokenizer.pad_token_id)  # [N]
         advantages = group_advantages(rewards, k, cfg.scale_rewards)  # [N]
         micro_batches = [self._micro_batch(rollout, groups, advantages)
@@ -137,11 +138,10 @@ class GRPORecipe:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.pool.sampler.state_dict(), "generator": self.generator.get_state()}
+        return {"prompts": self.pool.sampler.state_dict()}  # sampling is seeded by the step: no state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pool.sampler.load_state_dict(state["prompts"])
-        self.generator.set_state(state["generator"])
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

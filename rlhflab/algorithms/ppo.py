@@ -36,6 +36,7 @@ from rlhflab.algorithms.rollout import (
     policy_logps,
     rows_of,
     score,
+    step_seeds,
 )
 from rlhflab.core.advantages import gae, whiten
 from rlhflab.core.kl import get_kl_estimator
@@ -47,8 +48,10 @@ from rlhflab.core.policy_loss import (
     value_token_losses,
 )
 from rlhflab.diagnostics.rl import ppo_monitors
+from rlhflab.errors import InputError
 from rlhflab.rewards import RewardFn
-from rlhflab.training.data_order import split_micro_batches
+from rlhflab.training import distributed
+from rlhflab.training.data_order import chunks, split_micro_batches
 from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
 from rlhflab.training.precision import freeze
 
@@ -100,21 +103,27 @@ class PPORecipe:
         self.kl_estimator = get_kl_estimator(cfg.kl_estimator)
         self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed)
         self.settings = SamplingSettings(cfg.max_new_tokens or 32, cfg.temperature, cfg.top_p, cfg.top_k)
-        self.generator = torch.Generator().manual_seed(cfg.seed)  # sampling
         self.shuffle = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch order
         self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl if cfg.adaptive_kl else None, cfg.kl_horizon)
         self.updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
+        world = distributed.world_size()
+        if world > 1 and cfg.batch_size % (cfg.num_minibatches * cfg.grad_accum * world):
+            raise InputError(
+                f"with {world} processes each of the {cfg.num_minibatches} minibatches must split into grad_accum "
+                f"({cfg.grad_accum}) equal micro-batches per process: make batch_size a multiple of "
+                f"{cfg.num_minibatches * cfg.grad_accum * world}", field="batch_size")
 
     def plan_step(self, step: int) -> StepPlan:
         cfg = self.cfg
         prompts, prompt_ids = self.pool.take(cfg.batch_size)
-        rollout = generate(self.policy, self.tokenizer, prompts, prompt_ids, cfg.group_size, self.settings, self.generator)
+        seeds = step_seeds(cfg.seed, step, len(prompts))  # sampling: seeded by the step, see rollout.generate
+        rollout = generate(self.policy, self.tokenizer, prompts, prompt_ids, cfg.group_size, self.settings, seeds)
         scores = score(rollout, self.reward_fn, self.reward_model, self.tokenizer.pad_token_id)  # [N]
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * rollout.truncated.float()
         order = torch.randperm(len(prompts), generator=self.shuffle).tolist()
         minibatches = [[self._micro_batch(rollout, groups) for groups in split_micro_batches(mb_groups, cfg.grad_accum)]
-                       for mb_groups in split_micro_batches(order, cfg.num_minibatches)]
+                       for mb_groups in chunks(order, cfg.num_minibatches)]
         metrics = self._advantages(minibatches, scores, rollout.lengths().long())
         metrics.update(completion_metrics(rollout))
         if self.gold_fn is not None:  # the truth beside the proxy, for reward.proxy_gold_divergence
@@ -195,12 +204,11 @@ class PPORecipe:
         return numerator, metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.pool.sampler.state_dict(), "generator": self.generator.get_state(),
-                "shuffle": self.shuffle.get_state(), "kl_coef": self.kl_ctl.value}
+        return {"prompts": self.pool.sampler.state_dict(), "shuffle": self.shuffle.get_state(),
+                "kl_coef": self.kl_ctl.value}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pool.sampler.load_state_dict(state["prompts"])
-        self.generator.set_state(state["generator"])
         self.shuffle.set_state(state["shuffle"])
         self.kl_ctl.value = float(state["kl_coef"])
 

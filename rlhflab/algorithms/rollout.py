@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from rlhflab.config import RunConfig
@@ -31,6 +32,7 @@ from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TruncationCounter, tokenize_prompt
 from rlhflab.models.loading import token_scores
 from rlhflab.rewards import RewardFn, call_reward_fn, reward_model_scores
+from rlhflab.training import distributed
 from rlhflab.training.data_order import EpochSampler
 
 
@@ -98,18 +100,34 @@ class Rollout:
         return torch.tensor([len(c) for c in self.completions], dtype=torch.float32)
 
 
+def step_seeds(seed: int, step: int, num_prompts: int) -> list[int]:
+    """One sampling seed for each prompt of a step, a function of (run seed, step, prompt position) alone.
+
+    So a resumed run samples what the uninterrupted run sampled, with no generator state to save,
+    and a step's prompts sample the same completions whichever process draws them.
+    """
+    return np.random.SeedSequence([seed, step]).generate_state(num_prompts).tolist()
+
+
 def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt_ids: list[list[int]],
-             group_size: int, settings: SamplingSettings, generator: torch.Generator) -> Rollout:
-    """k = group_size samples of each prompt with the KV-cached sampler (prompt prefilled once)."""
+             group_size: int, settings: SamplingSettings, seeds: list[int]) -> Rollout:
+    """k = group_size samples of each prompt with the KV-cached sampler (prompt prefilled once).
+
+    Prompt i's samples are drawn from seeds[i] (see `core.sampling`). Under torchrun each process
+    samples its block of the prompts and receives the other blocks, so every process holds the
+    whole rollout: the one a single process samples, up to float rounding of the logits.
+    """
+    mine = distributed.share(list(range(len(prompts))))
     samples = sample(
-        policy, prompt_ids, num_samples=group_size, max_new_tokens=settings.max_new_tokens,
+        policy, [prompt_ids[i] for i in mine], num_samples=group_size, max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=[seeds[i] for i in mine],
     )  # fmt: skip
-    completions = samples.completions()
+    completions = distributed.all_gather(samples.completions())  # rank order is prompt order
+    truncated = torch.tensor(distributed.all_gather(samples.truncated.tolist()), dtype=torch.bool)
     eos = tokenizer.eos_token_id
     texts = [tokenizer.decode([t for t in c if t != eos]) for c in completions]
-    return Rollout(prompts, prompt_ids, completions, texts, samples.truncated.cpu(), group_size)
+    return Rollout(prompts, prompt_ids, completions, texts, truncated, group_size)
 
 
 def score(rollout: Rollout, reward_fn: RewardFn | None, reward_model: torch.nn.Module | None,

@@ -15,6 +15,13 @@ Decoding: Llama-layout models (Llama, Mistral, Qwen2 without a binding sliding w
 lean decode step with a static KV cache (`_StaticCacheLlama`); any other model runs its own
 forward with a `DynamicCache`. Both give the same tokens and log-probs (tested).
 
+Randomness: each row's token at step t is drawn by inverse CDF from one uniform number u[n, t],
+drawn before decoding starts. With `seeds` (one per prompt) the k rows of prompt i take their
+numbers from a generator seeded by seeds[i] alone, so a prompt's samples do not depend on the
+other prompts of the batch: one call over B prompts gives what B calls of one prompt give, and a
+batch split over processes samples what one process would (up to float rounding of the logits).
+With `generator` instead, all rows draw from it in one go (the same state gives the same samples).
+
 Log-probs: `logps[n, t]` is log softmax(logits / temperature)[token] of the sampled token --
 the temperature-scaled distribution *before* top-k / top-p truncation. That is what a trainer
 recomputes with a forward at the same temperature (see `core.packing.packed_forward`), so the
@@ -26,7 +33,7 @@ logps are those of the untempered model (temperature 1).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -69,12 +76,16 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 def _next_tokens(
     logits: torch.Tensor,
+    uniform: torch.Tensor,
     temperature: float,
     top_k: int,
     top_p: float,
-    generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row from last-position logits [N, V]; return (tokens [N], logps [N])."""
+    """Pick one token per row from last-position logits [N, V] and uniforms [N] in [0, 1).
+
+    Inverse CDF: the first token whose cumulative probability exceeds u · (total mass), so a token
+    of probability 0 (cut by top-k / top-p) is never picked. Returns (tokens [N], logps [N]).
+    """
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -83,9 +94,26 @@ def _next_tokens(
         logits = logits / temperature
         logps = torch.log_softmax(logits, dim=-1)  # before truncation: see the module docstring
         filtered = _filter_logits(logits, top_k, top_p) if (top_k > 0 or top_p < 1.0) else logits
-        probs = torch.softmax(filtered, dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        cdf = torch.softmax(filtered, dim=-1).cumsum(-1)  # [N, V]
+        draw = (uniform.to(cdf.device) * cdf[:, -1])[:, None]  # [N, 1]
+        tokens = torch.searchsorted(cdf, draw, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _uniforms(
+    num_prompts: int,
+    num_samples: int,
+    max_new_tokens: int,
+    generator: torch.Generator | None,
+    seeds: Sequence[int] | None,
+) -> torch.Tensor:
+    """The uniform numbers [N, max_new_tokens] that pick every token (see the module docstring)."""
+    if seeds is None:
+        return torch.rand(num_prompts * num_samples, max_new_tokens, generator=generator)
+    if len(seeds) != num_prompts:
+        raise ValueError(f"seeds needs one seed per prompt: {len(seeds)} seeds for {num_prompts} prompts")
+    per_prompt = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return torch.cat([torch.rand(num_samples, max_new_tokens, generator=g) for g in per_prompt])
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -133,11 +161,14 @@ def sample(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Samples:
     """Sample `num_samples` completions for each prompt with a KV cache (see the module docstring).
 
-    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. The same `generator`
-    state gives the same samples. The model is put in eval mode while sampling and restored.
+    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Randomness comes from
+    `seeds` (one per prompt: each prompt's samples independent of the batch), else from `generator`
+    (the same state gives the same samples), else from torch's global generator. The model is put
+    in eval mode while sampling and restored.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sample needs at least one prompt, and every prompt needs at least one token")
@@ -145,14 +176,17 @@ def sample(
         raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"bad sampling parameters: temperature={temperature}, top_p={top_p}, top_k={top_k}")
-    pick = partial(_next_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    if seeds is not None and generator is not None:
+        raise ValueError("give seeds or a generator, not both")
+    uniforms = _uniforms(len(prompts), num_samples, max_new_tokens, generator, seeds)  # [N, max_new_tokens]
+    pick = partial(_next_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     with _eval_mode(model):
         state = _prefill(model, prompts, num_samples, max_new_tokens, pad_token_id)
         if _has_llama_layout(model, state.attention_mask.shape[1]):
             step = _StaticCacheLlama(model, state, max_new_tokens)
         else:
             step = _generic_step(model, state, max_new_tokens)
-        return _decode(state, step, pick, max_new_tokens, eos_token_id, pad_token_id)
+        return _decode(state, step, pick, uniforms, max_new_tokens, eos_token_id, pad_token_id)
 
 
 def _prefill(
@@ -367,7 +401,8 @@ class _StaticCacheLlama:
 def _decode(
     state: _Prefilled,
     step: DecodeStep,
-    pick: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    pick: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    uniforms: torch.Tensor,
     max_new_tokens: int,
     eos_token_id: int,
     pad_token_id: int,
@@ -383,7 +418,7 @@ def _decode(
     check_every = 1 if device.type == "cpu" else 8
     steps = max_new_tokens
     for t in range(max_new_tokens):
-        tokens, token_logps = pick(logits)
+        tokens, token_logps = pick(logits, uniforms[:, t])
         active = ~done
         completion_ids[:, t] = torch.where(active, tokens, pad_token_id)
         logps[:, t] = torch.where(active, token_logps, 0.0)

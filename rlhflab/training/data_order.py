@@ -51,11 +51,16 @@ class EpochSampler:
         self._order = self._permutation(self.epoch)
 
 
+def chunks(items: list[Any], parts: int) -> list[list[Any]]:
+    """`items` in at most `parts` contiguous, nearly equal pieces (the last may be shorter)."""
+    size = -(-len(items) // max(parts, 1))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def split_micro_batches(items: list[Any], grad_accum: int) -> list[list[Any]]:
     """Split one optimizer step's examples into `grad_accum` nearly equal micro-batches per process.
 
     In a data-parallel run every process plans the whole step, so this gives grad_accum × processes
     micro-batches and the loop trains each process on its block of them (training/distributed.py).
     """
-    size = -(-len(items) // (max(grad_accum, 1) * distributed.world_size()))
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    return chunks(items, max(grad_accum, 1) * distributed.world_size())

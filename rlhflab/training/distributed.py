@@ -8,6 +8,9 @@
     backward of world size × that loss; DDP averages the gradients over processes ─► their sum, the
     gradient one process gets from the whole batch ─► clip, step: the weights stay equal everywhere
 
+PPO and GRPO plan the same way, but share out their sampling: each process samples its block of
+the step's prompts and all of them receive the whole rollout (`algorithms.rollout.generate`).
+
 Every process keeps the same recipe state (data position, reference cache, RNG), so rank 0's
 checkpoint is the run's. Rank 0 alone writes metrics, diagnostics, checkpoints and the final
 model; metrics are sums over processes before they are logged. The price of planning everywhere:
@@ -55,9 +58,10 @@ def launched() -> bool:
 def data_parallel() -> Iterator[None]:
     """Training runs inside this block are data-parallel over all processes when launched by torchrun.
 
-    Meant for recipes whose plan is a function of the seed, the data and the weights (pretrain, sft,
-    rm, dpo). PPO and GRPO sample rollouts inside plan_step, which every process would repeat in
-    full: the CLI refuses them under torchrun."""
+    Meant for recipes whose plan is a function of the seed, the data and the weights. PPO and GRPO
+    sample inside plan_step: each process samples its block of the step's prompts, and all of them
+    receive the whole rollout (`all_gather`), which is the one a single process would sample because
+    every prompt's samples come from a seed of its own (`algorithms.rollout.generate`)."""
     global _enabled
     previous, _enabled = _enabled, launched()
     try:
@@ -200,6 +204,15 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return tensor.tolist()
+
+
+def all_gather(items: list[T]) -> list[T]:
+    """Every process's `items`, concatenated in rank order (picklable objects); in one process `items`."""
+    if world_size() == 1:
+        return items
+    gathered: list[list[T]] = [[] for _ in range(world_size())]
+    dist.all_gather_object(gathered, items)
+    return [item for block in gathered for item in block]
 
 
 def all_true(flag: bool) -> bool:

@@ -41,6 +41,7 @@ from rlhflab.core.kl import kl_k3
 from rlhflab.core.policy_loss import aggregate, ppo_clip_loss, ppo_clip_token_losses
 from rlhflab.diagnostics.rl import grpo_monitors
 from rlhflab.rewards import RewardFn
+from rlhflab.training import distributed
 from rlhflab.training.data_order import split_micro_batches
 from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
 from rlhflab.training.precision import freeze
@@ -82,19 +83,26 @@ class GRPORecipe:
         rollout = generate(self.model, self.tokenizer, prompts, prompt_ids, k, self.settings, seeds)
         rewards = score(rollout, self.reward_fn, self.reward_model, self.tokenizer.pad_token_id)  # [N]
         advantages = group_advantages(rewards, k, cfg.scale_rewards)  # [N]
-        micro_batches = [self._micro_batch(rollout, groups, advantages)
-                         for groups in split_micro_batches(list(range(len(prompts))), cfg.grad_accum)]
+        groups_of = split_micro_batches(list(range(len(prompts))), cfg.grad_accum)  # prompts of each micro-batch
+        trained = distributed.share(list(range(len(groups_of))))  # the ones this process trains on (all, alone)
+        micro_batches = [self._micro_batch(rollout, groups, advantages, with_forwards=i in trained)
+                         for i, groups in enumerate(groups_of)]
         return StepPlan([micro_batches] * cfg.num_iterations, self._rollout_metrics(rollout, rewards))
 
     @torch.no_grad()
-    def _micro_batch(self, rollout: Rollout, groups: list[int], advantages: torch.Tensor) -> dict[str, Any]:
-        """Packed rows of these prompts' groups, their advantages and the fixed log-probs (old, reference)."""
+    def _micro_batch(self, rollout: Rollout, groups: list[int], advantages: torch.Tensor,
+                     with_forwards: bool) -> dict[str, Any]:
+        """Packed rows of these prompts' groups, their advantages and the fixed log-probs (old, reference).
+
+        Under torchrun another process trains on some micro-batches: for those, only `num_items` is used
+        (to normalise the loss), so their forwards are skipped.
+        """
         packed = pack(rollout, groups, self.tokenizer.pad_token_id, self.cfg.packed_row_tokens)
         rows = rows_of(groups, rollout.group_size)
         old_logps = ref_logps = None
-        if self.cfg.num_iterations > 1:
+        if with_forwards and self.cfg.num_iterations > 1:
             old_logps = policy_logps(self.model, packed, self.cfg.temperature)[0]
-        if self.cfg.beta > 0:
+        if with_forwards and self.cfg.beta > 0:
             ref_logps = policy_logps(self.reference, packed, self.cfg.temperature)[0]
         lengths = packed.completion_lengths
         num_items = int(lengths.sum()) if self.cfg.loss_agg == "token_mean" else int((lengths > 0).sum())

@@ -132,12 +132,19 @@ def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt
 
 def score(rollout: Rollout, reward_fn: RewardFn | None, reward_model: torch.nn.Module | None,
           pad_token_id: int) -> torch.Tensor:
-    """Reward of each completion: [N]. Exactly one of `reward_fn` and `reward_model` is given."""
+    """Reward of each completion: [N]. Exactly one of `reward_fn` and `reward_model` is given.
+
+    Under torchrun each process scores the rows of the prompts it sampled and receives the others'.
+    """
+    assert (reward_fn is None) != (reward_model is None), "give a reward function or a reward model"
+    rows = rows_of(distributed.share(list(range(len(rollout.prompts)))), rollout.group_size).tolist()
     if reward_fn is not None:
-        return call_reward_fn(reward_fn, rollout.row_prompts(), rollout.texts)
-    assert reward_model is not None, "give a reward function or a reward model"
-    row_ids = [rollout.prompt_ids[i // rollout.group_size] for i in range(len(rollout.completions))]
-    return reward_model_scores(reward_model, row_ids, rollout.completions, pad_token_id)
+        row_prompts = rollout.row_prompts()
+        mine = call_reward_fn(reward_fn, [row_prompts[i] for i in rows], [rollout.texts[i] for i in rows])
+    else:
+        row_ids = [rollout.prompt_ids[i // rollout.group_size] for i in rows]
+        mine = reward_model_scores(reward_model, row_ids, [rollout.completions[i] for i in rows], pad_token_id)
+    return torch.tensor(distributed.all_gather(mine.tolist()), dtype=torch.float32)  # [N]
 
 
 def pack(rollout: Rollout, groups: list[int], pad_token_id: int, max_row_tokens: int) -> PackedBatch:

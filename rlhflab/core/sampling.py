@@ -19,7 +19,8 @@ Randomness: each row's token at step t is drawn by inverse CDF from one uniform 
 drawn before decoding starts. With `seeds` (one per prompt) the k rows of prompt i take their
 numbers from a generator seeded by seeds[i] alone, so a prompt's samples do not depend on the
 other prompts of the batch: one call over B prompts gives what B calls of one prompt give, and a
-batch split over processes samples what one process would (up to float rounding of the logits).
+batch split over processes samples what one process would (up to float rounding of the logits,
+which padding to another prompt length can change in the last bit).
 With `generator` instead, all rows draw from it in one go (the same state gives the same samples).
 
 Log-probs: `logps[n, t]` is log softmax(logits / temperature)[token] of the sampled token --
@@ -95,7 +96,7 @@ def _next_tokens(
         logps = torch.log_softmax(logits, dim=-1)  # before truncation: see the module docstring
         filtered = _filter_logits(logits, top_k, top_p) if (top_k > 0 or top_p < 1.0) else logits
         cdf = torch.softmax(filtered, dim=-1).cumsum(-1)  # [N, V]
-        draw = (uniform.to(cdf.device) * cdf[:, -1])[:, None]  # [N, 1]
+        draw = (uniform * cdf[:, -1])[:, None]  # [N, 1]
         tokens = torch.searchsorted(cdf, draw, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -179,6 +180,7 @@ def sample(
     if seeds is not None and generator is not None:
         raise ValueError("give seeds or a generator, not both")
     uniforms = _uniforms(len(prompts), num_samples, max_new_tokens, generator, seeds)  # [N, max_new_tokens]
+    uniforms = uniforms.to(next(model.parameters()).device)
     pick = partial(_next_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     with _eval_mode(model):
         state = _prefill(model, prompts, num_samples, max_new_tokens, pad_token_id)

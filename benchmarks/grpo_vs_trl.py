@@ -1,8 +1,8 @@
 """GRPO steps/s of rlhflab vs TRL's GRPOTrainer (no vLLM) on the same model folder, prompts and reward.
 
 Setup (issue 4): a ≈4.5M-parameter Llama (hidden 256, 4 layers, MLP 1024, vocab 512, random init, so
-nearly every completion runs to the limit), one prompt of ≈21 tokens × 8 completions per step, 32 new
-tokens, beta 0.04 (so both sides run a reference forward), token_mean loss (TRL's default "dapo"), the
+nearly every completion runs to the limit), one prompt of ≈21 tokens × 8 completions per step (`--prompts N`:
+N prompts × 8), 32 new tokens, beta 0.04 (so both sides run a reference forward), token_mean loss (TRL's default "dapo"), the
 reviews gold reward as the reward function, one torch thread. Each side runs in its own process
 (peak RSS = that process's ru_maxrss); steps/s excludes the first `--warmup` steps and counts CPU
 seconds (`time.process_time()`: with one thread the wall time of an idle machine, and robust to other
@@ -64,7 +64,7 @@ def reward(prompts: list, completions: list, **kwargs) -> list[float]:
     return reviews_reward(prompts, completions)
 
 
-def run_ours(folder: Path, steps: int, warmup: int, precision: str) -> dict:
+def run_ours(folder: Path, steps: int, warmup: int, per_step: int, precision: str) -> dict:
     from rlhflab.algorithms import grpo
     from rlhflab.algorithms.grpo import GRPOConfig, run_grpo
     from rlhflab.models.loading import load_causal_lm, load_tokenizer
@@ -74,9 +74,9 @@ def run_ours(folder: Path, steps: int, warmup: int, precision: str) -> dict:
     plan_step = grpo.GRPORecipe.plan_step
     grpo.GRPORecipe.plan_step = lambda self, step: stamps.append(time.process_time()) or plan_step(self, step)
     out = Path(tempfile.mkdtemp())
-    cfg = GRPOConfig(out=str(out), max_steps=steps, batch_size=1, group_size=GROUP, max_new_tokens=NEW_TOKENS, beta=BETA,
+    cfg = GRPOConfig(out=str(out), max_steps=steps, batch_size=per_step, group_size=GROUP, max_new_tokens=NEW_TOKENS, beta=BETA,
                      lr=LR, loss_agg="token_mean", threads=1, progress=False, max_prompt_tokens=256, precision=precision)
-    run_grpo(cfg, load_causal_lm(str(folder)), load_tokenizer(str(folder)), prompts(steps), reward_fn=reward,
+    run_grpo(cfg, load_causal_lm(str(folder)), load_tokenizer(str(folder)), prompts(steps * per_step), reward_fn=reward,
              reference=load_causal_lm(str(folder)))
     stamps.append(time.process_time())  # includes the final checkpoint and model save: counted against us
     rows = read_metrics(out)
@@ -85,7 +85,7 @@ def run_ours(folder: Path, steps: int, warmup: int, precision: str) -> dict:
     return {"steps_per_s": (steps - warmup) / elapsed, "tokens_per_s": tokens / elapsed}
 
 
-def run_trl(folder: Path, steps: int, warmup: int, bf16: bool) -> dict:
+def run_trl(folder: Path, steps: int, warmup: int, per_step: int, bf16: bool) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -100,16 +100,16 @@ def run_trl(folder: Path, steps: int, warmup: int, bf16: bool) -> dict:
             if logs and "completions/mean_length" in logs:
                 lengths.append(logs["completions/mean_length"])
 
-    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=GROUP, num_generations=GROUP,
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=GROUP * per_step, num_generations=GROUP,
                      max_completion_length=NEW_TOKENS, beta=BETA, learning_rate=LR, use_cpu=True, max_steps=steps,
                      logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, bf16=bf16,
                      temperature=1.0, seed=0)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=Dataset.from_dict({"prompt": prompts(64)}),
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=Dataset.from_dict({"prompt": prompts(max(64, steps * per_step))}),
                           processing_class=AutoTokenizer.from_pretrained(str(folder)), callbacks=[Clock()])
     trainer.train()
     elapsed = stamps[-1] - stamps[warmup - 1]
-    tokens = sum(lengths[warmup:]) * GROUP
+    tokens = sum(lengths[warmup:]) * GROUP * per_step
     return {"steps_per_s": (steps - warmup) / elapsed, "tokens_per_s": tokens / elapsed}
 
 
@@ -145,12 +145,13 @@ def run_sampler(folder: Path, repeats: int = 3) -> dict:
     return best
 
 
-def run_floor(folder: Path, precision: str, repeats: int = 20) -> dict:
+def run_floor(folder: Path, per_step: int, precision: str, repeats: int = 20) -> dict:
     """Steps/s if a GRPO step were nothing but its matmuls, run by the same kernels (MKL / oneDNN).
 
-    One step of the benchmark multiplies by every weight matrix: 31 decode steps of 8 rows (plus a
-    22-token prefill), then the reference forward, the policy forward and its backward over one
-    packed row of 288 tokens (prompt once + 8 x 32 completion tokens, rounded up to 16). The
+    One step of the benchmark multiplies by every weight matrix: 31 decode steps of 8 rows a prompt
+    (plus a 22-token prefill a prompt), then the reference forward, the policy forward and its
+    backward over a packed row of 288 tokens a prompt (prompt once + 8 x 32 completion tokens,
+    rounded up to 16). The
     backward multiplies twice per weight (input and weight gradient). Attention, norms, sampling
     and Python are left out, so no implementation of this step can beat this rate on this machine
     with these kernels: floor_steps_per_s / TRL steps/s bounds the achievable ratio.
@@ -172,12 +173,12 @@ def run_floor(folder: Path, precision: str, repeats: int = 20) -> dict:
 
     train_w = weights(layer * config.num_hidden_layers + [lm_head])
     decode_w = weights(decode_layer * config.num_hidden_layers + [lm_head])
-    tokens = 288
+    tokens = 288 * per_step
     inputs = {(rows, width): torch.randn(rows, width, dtype=dtype)
-              for rows in (8, 22, tokens) for width in {hidden, inner, config.vocab_size}}
+              for rows in (GROUP * per_step, 22 * per_step, tokens) for width in {hidden, inner, config.vocab_size}}
 
     def step() -> None:
-        for rows, count in ((22, 1), (8, NEW_TOKENS - 1)):  # prefill, then one decode step per new token but the last
+        for rows, count in ((22 * per_step, 1), (GROUP * per_step, NEW_TOKENS - 1)):  # prefill, then one decode step per new token but the last
             for _ in range(count):
                 for w in decode_w:
                     torch.nn.functional.linear(inputs[rows, w.shape[1]], w)
@@ -198,21 +199,21 @@ def run_floor(folder: Path, precision: str, repeats: int = 20) -> dict:
     return {"steps_per_s": 1 / statistics.median(times)}
 
 
-SIDES = {
+SIDES = {  # name -> f(folder, steps, warmup, prompts per step)
     "rlhflab": lambda *a: run_ours(*a, precision="fp32"),
     "trl-fp32": lambda *a: run_trl(*a, bf16=False),
     "rlhflab-bf16": lambda *a: run_ours(*a, precision="bf16"),
     "trl": lambda *a: run_trl(*a, bf16=True),
-    "floor": lambda folder, *a: run_floor(folder, "fp32"),
-    "floor-bf16": lambda folder, *a: run_floor(folder, "bf16"),
+    "floor": lambda folder, steps, warmup, per_step: run_floor(folder, per_step, "fp32"),
+    "floor-bf16": lambda folder, steps, warmup, per_step: run_floor(folder, per_step, "bf16"),
 }
 SAME_PRECISION = {"trl-fp32": "rlhflab", "trl": "rlhflab-bf16"}  # each TRL side and the rlhflab side it is compared with
 FLOOR = {"trl-fp32": "floor", "trl": "floor-bf16"}  # each TRL side and the matmul floor at its precision
 
 
-def side(name: str, folder: Path, steps: int, warmup: int) -> None:
+def side(name: str, folder: Path, steps: int, warmup: int, per_step: int) -> None:
     torch.set_num_threads(1)
-    result = SIDES[name](folder, steps, warmup) if name != "sampler" else run_sampler(folder)
+    result = SIDES[name](folder, steps, warmup, per_step) if name != "sampler" else run_sampler(folder)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -221,13 +222,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=1, help="prompts per step, each with a group of 8 completions")
     parser.add_argument("--side", choices=[*SIDES, "sampler"], default=None)
     parser.add_argument("--sides", default="sampler,floor,floor-bf16,rlhflab,trl-fp32,rlhflab-bf16,trl")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all sides, interleaved; medians are reported")
     parser.add_argument("--folder", type=Path, default=None)
     args = parser.parse_args()
     if args.side:
-        side(args.side, args.folder, args.steps, args.warmup)
+        side(args.side, args.folder, args.steps, args.warmup, args.prompts)
         return
     folder = Path(tempfile.mkdtemp()) / "model"
     build_model_folder(folder)
@@ -236,7 +238,8 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so a slow spell of the shared machine hits every side
         for name in args.sides.split(","):
             proc = subprocess.run([sys.executable, __file__, "--side", name, "--folder", str(folder), "--steps",
-                                   str(args.steps), "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
+                                   str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts)],
+                                  capture_output=True, text=True, env=env)  # fmt: skip
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")

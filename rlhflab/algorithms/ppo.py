@@ -40,6 +40,7 @@ from rlhflab.algorithms.rollout import (
 )
 from rlhflab.core.advantages import gae, whiten
 from rlhflab.core.kl import get_kl_estimator
+from rlhflab.core.packing import to_padded
 from rlhflab.core.policy_loss import (
     aggregate,
     ppo_clip_loss,
@@ -122,8 +123,12 @@ class PPORecipe:
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * rollout.truncated.float()
         order = torch.randperm(len(prompts), generator=self.shuffle).tolist()
-        minibatches = [[self._micro_batch(rollout, groups) for groups in split_micro_batches(mb_groups, cfg.grad_accum)]
-                       for mb_groups in chunks(order, cfg.num_minibatches)]
+        minibatches = []
+        for mb_groups in chunks(order, cfg.num_minibatches):
+            groups_of = split_micro_batches(mb_groups, cfg.grad_accum)  # prompts of each micro-batch
+            trained = distributed.share(list(range(len(groups_of))))  # the ones this process trains on (all, alone)
+            minibatches.append([self._micro_batch(rollout, groups, with_forwards=i in trained)
+                                for i, groups in enumerate(groups_of)])
         metrics = self._advantages(minibatches, scores, rollout.lengths().long())
         metrics.update(completion_metrics(rollout))
         if self.gold_fn is not None:  # the truth beside the proxy, for reward.proxy_gold_divergence
@@ -136,13 +141,18 @@ class PPORecipe:
         return StepPlan(updates, metrics)
 
     @torch.no_grad()
-    def _micro_batch(self, rollout, groups: list[int]) -> dict[str, Any]:
+    def _micro_batch(self, rollout, groups: list[int], with_forwards: bool) -> dict[str, Any]:
+        """Packed rows of these prompts' groups and, if this process trains on them, their no-grad forwards:
+        old log-probs, reference log-probs, values, each [n, T]. Under torchrun the other processes compute
+        the rest, and `_advantages` sums them all into the whole batch."""
         packed = pack(rollout, groups, self.tokenizer.pad_token_id, self.cfg.packed_row_tokens)
-        logps, mask, _ = policy_logps(self.policy, packed, self.cfg.temperature)  # [n, T]
-        ref_logps = policy_logps(self.reference, packed, self.cfg.temperature)[0]
-        values = packed_values(self.value_model, packed)
-        return {"packed": packed, "rows": rows_of(groups, rollout.group_size), "mask": mask, "old_logps": logps,
-                "ref_logps": ref_logps, "old_values": values, "num_items": int(mask.sum())}
+        mask = to_padded(torch.zeros(int(packed.completion_lengths.sum())), packed)[1]  # [n, T]
+        mb = {"packed": packed, "rows": rows_of(groups, rollout.group_size), "mask": mask, "num_items": int(mask.sum())}
+        if with_forwards:
+            mb["old_logps"] = policy_logps(self.policy, packed, self.cfg.temperature)[0]
+            mb["ref_logps"] = policy_logps(self.reference, packed, self.cfg.temperature)[0]
+            mb["old_values"] = packed_values(self.value_model, packed)
+        return mb
 
     @torch.no_grad()
     def _advantages(self, minibatches: list[list[dict[str, Any]]], scores: torch.Tensor,
@@ -157,7 +167,10 @@ class PPORecipe:
             t = mb["mask"].shape[1]
             mask[mb["rows"], :t] = mb["mask"]
             for key in full:
-                full[key][mb["rows"], :t] = mb[key]
+                if key in mb:  # its forwards ran in this process
+                    full[key][mb["rows"], :t] = mb[key]
+        for key in full:  # under torchrun: each process filled the rows of its micro-batches, zeros elsewhere
+            distributed.all_reduce_tensor(full[key])
         kl = self.kl_estimator(full["old_logps"], full["ref_logps"]) * mask  # [N, T]
         beta = self.kl_ctl.value
         rewards = -beta * kl
@@ -169,6 +182,8 @@ class PPORecipe:
         for mb in micro:
             t = mb["mask"].shape[1]
             mb["advantages"], mb["returns"] = advantages[mb["rows"], :t], returns[mb["rows"], :t]
+            for key in full:
+                mb[key] = full[key][mb["rows"], :t]
         kl_sum = kl.sum(1)
         residual = (returns - full["old_values"])[mask]
         return {

@@ -206,6 +206,13 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return tensor.tolist()
 
 
+def all_reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of `tensor` over processes, in place (CPU tensors over gloo); in one process unchanged."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def all_gather(items: list[T]) -> list[T]:
     """Every process's `items`, concatenated in rank order (picklable objects); in one process `items`."""
     if world_size() == 1:

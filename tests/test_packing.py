@@ -1,5 +1,6 @@
 """Prefix-shared packing: packed log-probs equal separate unpadded forwards, for each allowed attention."""
 
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -139,6 +140,40 @@ def test_rows_are_balanced_within_the_budget():
     assert packed.input_ids[1].tolist() == [2] * 4 + [5] + [4] * 3 + [5] + [0, 0]
     assert packed.group_index.tolist() == [0, 1, 2, 3, 4]  # numbering never depends on rows
     assert packed.sequence_index.tolist() == [0, 2, 4, 1, 3]  # tokens in row order
+
+
+def test_rows_are_added_when_that_saves_slots():
+    """Groups of 290, 288, 286, 284, 282, 280, 250 and 240 tokens in rows of 512: first fit puts only the last two
+    together, and that pair pads all seven rows to 496 (3,472 slots); one group a row pads eight rows to 304
+    (2,432 slots), so that layout is taken."""
+    lengths = [290, 288, 286, 284, 282, 280, 250, 240]
+    groups = [([1] * 10, [[2] * (n - 10)]) for n in lengths]
+    packed = pack_groups(groups, max_row_tokens=512, pad_token_id=0, row_multiple=16)
+    assert packed.input_ids.shape == (8, 304)
+    assert packed.num_tokens == sum(lengths)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_layout_never_has_more_slots_than_first_fit(seed):
+    """Against the layouts this choice improves on (first fit, and longest-first over as many rows): never more
+    slots, every row within the budget, every group in exactly one row."""
+    from rlhflab.core.packing import _balanced_rows, _first_fit_rows, _spread_rows
+
+    rng = random.Random(seed)
+    budget = rng.choice([64, 128, 512])
+    lengths = [rng.randint(1, budget) for _ in range(rng.randint(1, 24))]
+
+    def slots(rows):
+        return len(rows) * -(-max(sum(lengths[g] for g in row) for row in rows) // 16) * 16
+
+    rows = _balanced_rows(lengths, budget, 16)
+    assert sorted(g for row in rows for g in row) == list(range(len(lengths)))
+    assert all(sum(lengths[g] for g in row) <= budget for row in rows)
+    first_fit = _first_fit_rows(lengths, budget)
+    assert slots(rows) <= slots(first_fit)
+    spread = _spread_rows(lengths, len(first_fit))
+    if max(sum(lengths[g] for g in row) for row in spread) <= budget:
+        assert slots(rows) <= slots(spread)
 
 
 def test_padding_and_rows():

@@ -50,6 +50,7 @@ API::
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, fields
 
 import torch
@@ -128,27 +129,45 @@ def _first_fit_rows(lengths: list[int], max_row_tokens: int) -> list[list[int]]:
     return rows
 
 
-def _balanced_rows(lengths: list[int], max_row_tokens: int) -> list[list[int]]:
-    """First fit fixes the number of rows; then spread the groups evenly over that many rows.
+def _spread_rows(lengths: list[int], num_rows: int) -> list[list[int]]:
+    """Longest group first into the currently shortest of `num_rows` rows (LPT)."""
+    rows: list[list[int]] = [[] for _ in range(num_rows)]
+    fills = [(0, r) for r in range(num_rows)]  # a heap of (tokens, row)
+    for g in sorted(range(len(lengths)), key=lambda g: -lengths[g]):
+        fill, r = heapq.heappop(fills)
+        rows[r].append(g)
+        heapq.heappush(fills, (fill + lengths[g], r))
+    return [row for row in rows if row]
 
-    Every row is padded to the longest, so a first-fit layout such as [250, 120] computes 500
-    tokens for 370. Longest-first into the currently shortest row (LPT) gives [185, 185]-like
-    rows and is kept when it is shorter and within the budget. Rows keep their groups in input
-    order and are ordered by their first group (sequence numbering never depends on rows).
+
+def _balanced_rows(lengths: list[int], max_row_tokens: int, row_multiple: int) -> list[list[int]]:
+    """The layout with the fewest token slots (rows × padded row length) within the budget.
+
+    Every row is padded to the longest, so first fit can waste a lot: of groups of 290, 288, 286,
+    284, 282, 280, 250 and 240 tokens in rows of 512 (GRPO groups of similar length), first fit
+    pairs only the last two, and that pair pads all seven rows to 496 (3,472 slots), where one
+    group a row takes 8 × 304 = 2,432. So: first fit gives the fewest rows; then, for that many rows and every larger count, groups are spread longest first
+    into the shortest row, and the layout with the fewest slots wins (ties: the shorter rows,
+    cheaper in attention). Rows keep their groups in input order and are ordered by their first
+    group (sequence numbering never depends on rows).
     """
     rows = _first_fit_rows(lengths, max_row_tokens)
-    longest = max(sum(lengths[g] for g in row) for row in rows)
-    if len(rows) == 1 or longest > max_row_tokens:  # one row, or an oversize group: nothing to balance
+    longest_group = max(lengths)
+    if len(rows) == 1 or longest_group > max_row_tokens:  # one row, or an oversize group: nothing to balance
         return rows
-    balanced: list[list[int]] = [[] for _ in rows]
-    fill = [0] * len(rows)
-    for g in sorted(range(len(lengths)), key=lambda g: -lengths[g]):
-        r = fill.index(min(fill))
-        balanced[r].append(g)
-        fill[r] += lengths[g]
-    if max(fill) >= longest:
-        return rows
-    return sorted((sorted(row) for row in balanced), key=lambda row: row[0])
+
+    def cost(layout: list[list[int]]) -> tuple[int, int]:
+        width = -(-max(sum(lengths[g] for g in row) for row in layout) // row_multiple) * row_multiple
+        return len(layout) * width, width
+
+    best, best_cost = rows, cost(rows)
+    for num_rows in range(len(rows), len(lengths) + 1):
+        if num_rows * longest_group >= best_cost[0]:  # every row is at least the longest group long
+            break
+        spread = _spread_rows(lengths, num_rows)
+        if max(sum(lengths[g] for g in row) for row in spread) <= max_row_tokens and cost(spread) < best_cost:
+            best, best_cost = spread, cost(spread)
+    return sorted((sorted(row) for row in best), key=lambda row: row[0])
 
 
 def pack_groups(
@@ -182,7 +201,7 @@ def pack_groups(
     lengths = [len(p) + sum(len(c) for c in cs) for p, cs in groups]
     cut = int(trim_final_tokens)  # tokens of each completion left out of the rows
     laid_out = [len(p) + sum(max(len(c) - cut, 0) for c in cs) for p, cs in groups]
-    rows = _balanced_rows(laid_out, max_row_tokens)
+    rows = _balanced_rows(laid_out, max_row_tokens, row_multiple)
     num_rows = len(rows)
     row_len = max(sum(laid_out[g] for g in row) for row in rows)
     row_len = -(-row_len // row_multiple) * row_multiple

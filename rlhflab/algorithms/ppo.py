@@ -40,7 +40,7 @@ from rlhflab.algorithms.rollout import (
 )
 from rlhflab.core.advantages import gae, whiten
 from rlhflab.core.kl import get_kl_estimator
-from rlhflab.core.packing import to_padded
+from rlhflab.core.packing import completion_mask
 from rlhflab.core.policy_loss import (
     aggregate,
     ppo_clip_loss,
@@ -146,7 +146,7 @@ class PPORecipe:
         old log-probs, reference log-probs, values, each [n, T]. Under torchrun the other processes compute
         the rest, and `_advantages` sums them all into the whole batch."""
         packed = pack(rollout, groups, self.tokenizer.pad_token_id, self.cfg.packed_row_tokens)
-        mask = to_padded(torch.zeros(int(packed.completion_lengths.sum())), packed)[1]  # [n, T]
+        mask = completion_mask(packed)  # [n, T]
         mb = {"packed": packed, "rows": rows_of(groups, rollout.group_size), "mask": mask, "num_items": int(mask.sum())}
         if with_forwards:
             mb["old_logps"] = policy_logps(self.policy, packed, self.cfg.temperature)[0]

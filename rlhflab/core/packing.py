@@ -378,10 +378,14 @@ def to_padded(
 
     Row s holds completion s's values left-aligned; mask is True on real tokens. Differentiable.
     """
-    num_seq = packed.num_sequences
-    width = int(packed.completion_lengths.max()) if num_seq else 0
-    padded = values.new_full((num_seq, width), pad_value)
+    mask = completion_mask(packed).to(values.device)
+    padded = values.new_full(mask.shape, pad_value)
     padded = padded.index_put((packed.sequence_index, packed.token_position), values)
-    mask = torch.zeros((num_seq, width), dtype=torch.bool, device=values.device)
-    mask[packed.sequence_index, packed.token_position] = True
     return padded, mask
+
+
+def completion_mask(packed: PackedBatch) -> torch.Tensor:
+    """[N_seq, T] bool, True on completion s's tokens (left-aligned; T the longest completion)."""
+    width = int(packed.completion_lengths.max()) if packed.num_sequences else 0
+    lengths = packed.completion_lengths
+    return torch.arange(width, device=lengths.device) < lengths[:, None]

@@ -3,9 +3,13 @@
     --reward-fn rewards.py:score          a function in a file (loaded by path, never via sys.path)
     --reward-fn rlhflab.tasks:reviews_reward   a function in an importable module
 
-A reward function has the signature `f(prompts, completions) -> list[float]`: prompts as given in
-the data (strings, or lists of messages), completions as decoded strings without the EOS token.
-It is called once per rollout batch with every completion of the batch (k per prompt, grouped).
+A reward function has the signature `f(prompts, completions, **columns) -> list[float]`: prompts
+as given in the data (strings, or lists of messages), completions as decoded strings without the
+EOS token. It is called once per rollout batch with every completion of the batch (k per prompt,
+grouped). As in TRL, the prompt data's other fields come as keyword arguments, one value per
+completion (e.g. `def exact(completions, answer, **kwargs)` for records `{"prompt": ..., "answer":
+...}`): a function gets the fields it names, or all of them if it takes `**kwargs`. Arguments are
+passed by name when the function names `completions` (or takes `**kwargs`), else by position.
 A reward model scores `prompt + completion` (EOS included) at the last token, as in training.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -68,9 +73,28 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[str]) -> torch.Tensor:
-    """Call `fn` and check it returned one finite number per completion: [N] float32."""
-    values = fn(prompts, completions)
+def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[str],
+                   columns: dict[str, list[Any]] | None = None) -> torch.Tensor:
+    """Call `fn` (see the module docstring) and check it returned one finite number per completion: [N] float32.
+
+    `columns`: the prompt data's other fields, one value per completion.
+    """
+    columns = columns or {}
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        params = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes_all or "completions" in params:  # TRL's convention: everything by name
+        named = {"prompts": prompts, "completions": completions, **columns}
+        missing = [name for name, p in params.items() if name not in named and p.default is p.empty
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if missing:
+            raise InputError(f"the reward function needs {', '.join(map(repr, missing))}, which the prompt data "
+                             f"does not have (fields: {', '.join(columns) or 'prompt only'})", field="reward_fn")
+        values = fn(**(named if takes_all else {k: v for k, v in named.items() if k in params}))
+    else:
+        values = fn(prompts, completions)
     try:
         rewards = [float(v) for v in values]
     except (TypeError, ValueError):

@@ -187,8 +187,10 @@ def demo(cfg: DemoConfig) -> Path:
 
 
 def _rl_inputs(cfg: Any) -> tuple[Any, dict[str, Any]]:
-    """PPO/GRPO inputs: (cfg with the task's completion budget, {policy_path, tokenizer, prompts, reward_fn,
-    reward_model, gold_fn}). The reward is --reward-fn, else --reward-model, else the task's reward model."""
+    """PPO/GRPO inputs: (cfg with the task's completion budget, {policy_path, tokenizer, prompts, columns,
+    reward_fn, reward_model, gold_fn}). The reward is --reward-fn, else --reward-model, else the task's reward
+    model; `columns` holds the prompt file's other fields for the reward function ({name: one value per prompt},
+    None where a record lacks the field)."""
     from dataclasses import replace
 
     from rlhflab.rewards import load_reward_fn
@@ -196,8 +198,12 @@ def _rl_inputs(cfg: Any) -> tuple[Any, dict[str, Any]]:
     task = get_task(cfg.task) if cfg.task else None
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # a bad spec fails before any build
     policy_path = resolve_model(cfg, sft_model)
+    columns: dict[str, list[Any]] = {}
     if cfg.data:
-        prompts = [ex.prompt for ex in load_prompts(cfg.data)]
+        examples = load_prompts(cfg.data)
+        prompts = [ex.prompt for ex in examples]
+        names = dict.fromkeys(name for ex in examples for name in ex.extra)  # first-seen order
+        columns = {name: [ex.extra.get(name) for ex in examples] for name in names}
     elif task:
         prompts = task.train_prompts(cfg.num_prompts, seed=cfg.seed)
     else:
@@ -209,7 +215,7 @@ def _rl_inputs(cfg: Any) -> tuple[Any, dict[str, Any]]:
         cfg = replace(cfg, max_new_tokens=task.max_new_tokens if task else 32)
     return cfg, {
         "policy_path": policy_path, "tokenizer": load_tokenizer(policy_path, cfg.trust_remote_code), "prompts": prompts,
-        "reward_fn": reward_fn, "reward_model": load_scalar_model(rm_path) if rm_path else None,
+        "columns": columns, "reward_fn": reward_fn, "reward_model": load_scalar_model(rm_path) if rm_path else None,
         "rm_path": rm_path, "gold_fn": task.gold_reward if task else None,
     }  # fmt: skip
 
@@ -222,7 +228,7 @@ def grpo(cfg: Any) -> Path:
     with data_parallel():  # under torchrun: each process samples its share of every step's prompts
         path = run_grpo(cfg, load_causal_lm(a["policy_path"], cfg.trust_remote_code), a["tokenizer"], a["prompts"],
                         reward_fn=a["reward_fn"], reward_model=a["reward_model"], reference=reference,
-                        gold_fn=a["gold_fn"])
+                        gold_fn=a["gold_fn"], prompt_columns=a["columns"])
     console.print(f"GRPO policy: {path}")
     return path
 
@@ -237,7 +243,8 @@ def ppo(cfg: Any) -> Path:
     with data_parallel():  # under torchrun: each process samples its share of every step's prompts
         path = run_ppo(cfg, load_causal_lm(a["policy_path"], cfg.trust_remote_code), load_scalar_model(value_from),
                        load_causal_lm(a["policy_path"], cfg.trust_remote_code), a["tokenizer"], a["prompts"],
-                       reward_fn=a["reward_fn"], reward_model=a["reward_model"], gold_fn=a["gold_fn"])
+                       reward_fn=a["reward_fn"], reward_model=a["reward_model"], gold_fn=a["gold_fn"],
+                       prompt_columns=a["columns"])
     console.print(f"PPO policy: {path}")
     return path
 

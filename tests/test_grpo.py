@@ -146,6 +146,41 @@ def test_reward_fn_output_is_checked():
         call_reward_fn(lambda p, c: ["x", "y"], ["p", "q"], ["a", "b"])
 
 
+def test_reward_fn_gets_the_data_fields_it_names():
+    """TRL's convention: the prompt data's other fields come by keyword, one value per completion; a function gets the
+    ones it names (all with **kwargs); one naming `completions` is called by keyword, any other by position."""
+    prompts, completions, columns = ["p", "p", "q"], ["a", "b", "c"], {"answer": ["1", "1", "2"], "level": [3, 3, 5]}
+
+    def trl_style(completions, answer, **kwargs):
+        assert kwargs["prompts"] == prompts and kwargs["level"] == [3, 3, 5]
+        return [float(c == "b") + float(a) for c, a in zip(completions, answer, strict=True)]
+
+    def named_only(prompts, completions, level):
+        return [float(x) for x in level]
+
+    assert call_reward_fn(trl_style, prompts, completions, columns).tolist() == [1.0, 2.0, 2.0]
+    assert call_reward_fn(named_only, prompts, completions, columns).tolist() == [3.0, 3.0, 5.0]
+    assert call_reward_fn(lambda p, c: [float(len(x)) for x in p], prompts, completions, columns).tolist() == [1.0] * 3
+    with pytest.raises(InputError, match=r"needs 'solution'.*fields: answer, level"):
+        call_reward_fn(lambda completions, solution: [0.0] * 3, prompts, completions, columns)
+
+
+def test_reward_fn_sees_each_completions_own_prompt_fields(tmp_path):
+    """Through a GRPO run (3 prompts × group 4 a step): every row's field belongs to the prompt it continues."""
+    seen = []
+
+    def check(prompts, completions, length, **kwargs):
+        assert length == [len(p) for p in prompts]
+        seen.append(len(completions))
+        return [0.0] * len(completions)
+
+    tokenizer = tiny_tokenizer()
+    cfg = config(tmp_path, beta=0.0)
+    run_grpo(cfg, tiny_lm(tokenizer), tokenizer, PROMPTS, reward_fn=check,
+             prompt_columns={"length": [len(p) for p in PROMPTS]})
+    assert seen == [cfg.batch_size * cfg.group_size] * cfg.max_steps
+
+
 @pytest.mark.parametrize("loss_agg,scale_rewards", [("token_mean", "batch"), ("seq_mean_token_sum_norm", "none")])
 def test_aggregation_modes_and_reward_model(tmp_path, loss_agg, scale_rewards):
     """Every aggregation mode gives a finite loss; num_items is its denominator (tokens or completions)."""

@@ -64,6 +64,31 @@ def test_cli_reports_bad_data_with_location(tmp_path, tiny_artefacts):
     assert "line 2" in result.output and "chosen" in result.output and str(bad) in result.output
 
 
+def test_grpo_reward_fn_reads_a_field_of_the_prompt_file(tmp_path, tiny_artefacts):
+    """`rlhflab grpo --data prompts.jsonl --reward-fn FILE:NAME`: the records' other fields reach the reward function
+    by name, row by row (TRL's convention), here an `answer` the function compares against."""
+    a = tiny_artefacts("reviews")
+    records = [{"prompt": f"i bought this lamp {i}", "answer": str(i)} for i in range(4)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    log = tmp_path / "seen.jsonl"
+    (tmp_path / "reward.py").write_text(
+        "import json\n"
+        "def answer_check(completions, answer, prompts, **kwargs):\n"
+        f"    open({str(log)!r}, 'a').write(json.dumps([prompts, answer]) + '\\n')\n"
+        "    return [float(len(c) % 2) for c in completions]\n"
+    )
+    result = runner.invoke(app, ["grpo", "--model", str(sft_model(a)), "--data", str(data), "--reward-fn",
+                                 f"{tmp_path / 'reward.py'}:answer_check", "--out", str(tmp_path / "run"),
+                                 "--max-steps", "2", "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "4",
+                                 "--no-progress", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 2
+    for prompts, answers in calls:  # 2 prompts × 2 completions a step: each row carries its prompt's answer
+        assert len(answers) == 4 and answers == [p.rsplit(" ", 1)[1] for p in prompts]
+
+
 def test_cli_unknown_option_suggests():
     result = runner.invoke(app, ["sft", "--bach-size", "4"])
     assert result.exit_code == 2

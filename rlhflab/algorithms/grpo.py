@@ -61,7 +61,8 @@ class GRPORecipe:
 
     def __init__(self, policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], cfg: GRPOConfig, *,
                  reward_fn: RewardFn | None = None, reward_model: torch.nn.Module | None = None,
-                 reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None):
+                 reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
+                 prompt_columns: dict[str, list[Any]] | None = None):
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("give exactly one of reward_fn and reward_model")
         if cfg.beta > 0 and reference is None:
@@ -72,15 +73,15 @@ class GRPORecipe:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.reward_fn, self.reward_model, self.reference, self.gold_fn = reward_fn, reward_model, reference, gold_fn
-        self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed)
+        self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed, prompt_columns)
         self.settings = SamplingSettings(cfg.max_new_tokens or 32, cfg.temperature, cfg.top_p, cfg.top_k)
         self.updates_per_step = cfg.num_iterations
 
     def plan_step(self, step: int) -> StepPlan:
         cfg, k = self.cfg, self.cfg.group_size
-        prompts, prompt_ids = self.pool.take(cfg.batch_size)
+        prompts, prompt_ids, columns = self.pool.take(cfg.batch_size)
         seeds = step_seeds(cfg.seed, step, len(prompts))
-        rollout = generate(self.model, self.tokenizer, prompts, prompt_ids, k, self.settings, seeds)
+        rollout = generate(self.model, self.tokenizer, prompts, prompt_ids, k, self.settings, seeds, columns)
         rewards = score(rollout, self.reward_fn, self.reward_model, self.tokenizer.pad_token_id)  # [N]
         advantages = group_advantages(rewards, k, cfg.scale_rewards)  # [N]
         groups_of = split_micro_batches(list(range(len(prompts))), cfg.grad_accum)  # prompts of each micro-batch
@@ -158,14 +159,17 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 def run_grpo(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], *,
              reward_fn: RewardFn | None = None, reward_model: torch.nn.Module | None = None,
-             reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None):
-    """Train `policy` with GRPO into `cfg.out`; returns the saved model folder."""
+             reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
+             prompt_columns: dict[str, list[Any]] | None = None):
+    """Train `policy` with GRPO into `cfg.out`; returns the saved model folder.
+
+    `prompt_columns`: the prompt data's other fields ({name: one value per prompt}), for the reward function."""
     out = start_run(cfg)
     for frozen in (reward_model, reference):
         if frozen is not None:
             freeze(frozen, cfg.precision)
     recipe = GRPORecipe(policy, tokenizer, prompts, cfg, reward_fn=reward_fn, reward_model=reward_model,
-                        reference=reference, gold_fn=gold_fn)
+                        reference=reference, gold_fn=gold_fn, prompt_columns=prompt_columns)
     if recipe.pool.truncation_warning:
         console.print(f"[yellow]warning:[/] {recipe.pool.truncation_warning}")
     train(cfg, recipe, monitors=grpo_monitors(has_gold=gold_fn is not None))

@@ -94,7 +94,8 @@ class KLController:
 class PPORecipe:
     def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module, reference: torch.nn.Module,
                  tokenizer: Any, prompts: list[Any], cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
-                 reward_model: torch.nn.Module | None = None, gold_fn: RewardFn | None = None):
+                 reward_model: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
+                 prompt_columns: dict[str, list[Any]] | None = None):
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("give exactly one of reward_fn and reward_model")
         self.policy, self.value_model, self.reference = policy, value_model, reference
@@ -102,7 +103,7 @@ class PPORecipe:
         self.tokenizer, self.cfg = tokenizer, cfg
         self.reward_fn, self.reward_model, self.gold_fn = reward_fn, reward_model, gold_fn
         self.kl_estimator = get_kl_estimator(cfg.kl_estimator)
-        self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed)
+        self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed, prompt_columns)
         self.settings = SamplingSettings(cfg.max_new_tokens or 32, cfg.temperature, cfg.top_p, cfg.top_k)
         self.shuffle = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch order
         self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl if cfg.adaptive_kl else None, cfg.kl_horizon)
@@ -116,9 +117,10 @@ class PPORecipe:
 
     def plan_step(self, step: int) -> StepPlan:
         cfg = self.cfg
-        prompts, prompt_ids = self.pool.take(cfg.batch_size)
+        prompts, prompt_ids, columns = self.pool.take(cfg.batch_size)
         seeds = step_seeds(cfg.seed, step, len(prompts))  # sampling: seeded by the step, see rollout.generate
-        rollout = generate(self.policy, self.tokenizer, prompts, prompt_ids, cfg.group_size, self.settings, seeds)
+        rollout = generate(self.policy, self.tokenizer, prompts, prompt_ids, cfg.group_size, self.settings, seeds,
+                           columns)
         scores = score(rollout, self.reward_fn, self.reward_model, self.tokenizer.pad_token_id)  # [N]
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * rollout.truncated.float()
@@ -230,14 +232,17 @@ class PPORecipe:
 
 def run_ppo(cfg: PPOConfig, policy: torch.nn.Module, value_model: torch.nn.Module, reference: torch.nn.Module,
             tokenizer: Any, prompts: list[Any], *, reward_fn: RewardFn | None = None,
-            reward_model: torch.nn.Module | None = None, gold_fn: RewardFn | None = None):
-    """Train `policy` (and `value_model`) with PPO into `cfg.out`; returns the saved policy folder."""
+            reward_model: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
+            prompt_columns: dict[str, list[Any]] | None = None):
+    """Train `policy` (and `value_model`) with PPO into `cfg.out`; returns the saved policy folder.
+
+    `prompt_columns`: the prompt data's other fields ({name: one value per prompt}), for the reward function."""
     out = start_run(cfg)
     for frozen in (reward_model, reference):
         if frozen is not None:
             freeze(frozen, cfg.precision)
     recipe = PPORecipe(policy, value_model, reference, tokenizer, prompts, cfg, reward_fn=reward_fn,
-                       reward_model=reward_model, gold_fn=gold_fn)
+                       reward_model=reward_model, gold_fn=gold_fn, prompt_columns=prompt_columns)
     if recipe.pool.truncation_warning:
         console.print(f"[yellow]warning:[/] {recipe.pool.truncation_warning}")
     train(cfg, recipe, monitors=ppo_monitors(has_gold=gold_fn is not None))

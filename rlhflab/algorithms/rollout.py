@@ -13,7 +13,7 @@ generated token is column 0), `mask` is True on real tokens, EOS included. That 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,18 +60,25 @@ class RolloutConfig(RunConfig):
 
 
 class PromptPool:
-    """Prompts tokenized once, visited in a resumable shuffled order (`EpochSampler`)."""
+    """Prompts tokenized once, visited in a resumable shuffled order (`EpochSampler`).
 
-    def __init__(self, prompts: list[Any], tokenizer: Any, max_prompt_tokens: int, seed: int):
+    `columns`: the prompt data's other fields ({name: one value per prompt}), for reward functions.
+    """
+
+    def __init__(self, prompts: list[Any], tokenizer: Any, max_prompt_tokens: int, seed: int,
+                 columns: dict[str, list[Any]] | None = None):
         counter = TruncationCounter()
         self.prompts = prompts
         self.ids = [tokenize_prompt(tokenizer, p, max_prompt_tokens, counter=counter).prompt_ids for p in prompts]
+        self.columns = columns or {}
         self.truncation_warning = counter.message()
         self.sampler = EpochSampler(len(prompts), seed)
 
-    def take(self, n: int) -> tuple[list[Any], list[list[int]]]:
+    def take(self, n: int) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
+        """The next n prompts: (prompts, token ids, their columns)."""
         indices = self.sampler.take(n)
-        return [self.prompts[i] for i in indices], [self.ids[i] for i in indices]
+        columns = {name: [values[i] for i in indices] for name, values in self.columns.items()}
+        return [self.prompts[i] for i in indices], [self.ids[i] for i in indices], columns
 
 
 @dataclass
@@ -92,6 +99,7 @@ class Rollout:
     texts: list[str]  # [N] decoded, without EOS
     truncated: torch.Tensor  # [N] bool: never emitted EOS
     group_size: int
+    columns: dict[str, list[Any]] = field(default_factory=dict)  # the prompt data's other fields, [P] each
 
     def row_prompts(self) -> list[Any]:
         return [self.prompts[i // self.group_size] for i in range(len(self.completions))]
@@ -110,7 +118,8 @@ def step_seeds(seed: int, step: int, num_prompts: int) -> list[int]:
 
 
 def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt_ids: list[list[int]],
-             group_size: int, settings: SamplingSettings, seeds: list[int]) -> Rollout:
+             group_size: int, settings: SamplingSettings, seeds: list[int],
+             columns: dict[str, list[Any]] | None = None) -> Rollout:
     """k = group_size samples of each prompt with the KV-cached sampler (prompt prefilled once).
 
     Prompt i's samples are drawn from seeds[i] (see `core.sampling`). Under torchrun each process
@@ -127,7 +136,7 @@ def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt
     truncated = torch.tensor(distributed.all_gather(samples.truncated.tolist()), dtype=torch.bool)
     eos = tokenizer.eos_token_id
     texts = [tokenizer.decode([t for t in c if t != eos]) for c in completions]
-    return Rollout(prompts, prompt_ids, completions, texts, truncated, group_size)
+    return Rollout(prompts, prompt_ids, completions, texts, truncated, group_size, columns or {})
 
 
 def score(rollout: Rollout, reward_fn: RewardFn | None, reward_model: torch.nn.Module | None,
@@ -140,7 +149,8 @@ def score(rollout: Rollout, reward_fn: RewardFn | None, reward_model: torch.nn.M
     rows = rows_of(distributed.share(list(range(len(rollout.prompts)))), rollout.group_size).tolist()
     if reward_fn is not None:
         row_prompts = rollout.row_prompts()
-        mine = call_reward_fn(reward_fn, [row_prompts[i] for i in rows], [rollout.texts[i] for i in rows])
+        columns = {name: [values[i // rollout.group_size] for i in rows] for name, values in rollout.columns.items()}
+        mine = call_reward_fn(reward_fn, [row_prompts[i] for i in rows], [rollout.texts[i] for i in rows], columns)
     else:
         row_ids = [rollout.prompt_ids[i // rollout.group_size] for i in rows]
         mine = reward_model_scores(reward_model, row_ids, [rollout.completions[i] for i in rows], pad_token_id)

@@ -5,11 +5,13 @@
 
 A reward function has the signature `f(prompts, completions, **columns) -> list[float]`: prompts
 as given in the data (strings, or lists of messages), completions as decoded strings without the
-EOS token. It is called once per rollout batch with every completion of the batch (k per prompt,
-grouped). As in TRL, the prompt data's other fields come as keyword arguments, one value per
-completion (e.g. `def exact(completions, answer, **kwargs)` for records `{"prompt": ..., "answer":
-...}`): a function gets the fields it names, or all of them if it takes `**kwargs`. Arguments are
-passed by name when the function names `completions` (or takes `**kwargs`), else by position.
+EOS token -- or, for a conversational prompt, as TRL gives them: `[{"role": "assistant",
+"content": text}]`. It is called once per rollout batch with every completion of the batch (k per
+prompt, grouped). As in TRL, the prompt data's other fields come as keyword arguments, one value
+per completion (e.g. `def exact(completions, answer, **kwargs)` for records `{"prompt": ...,
+"answer": ...}`), and so do `completion_ids` (token ids, EOS included where emitted): a function
+gets the ones it names, or all of them if it takes `**kwargs`. Arguments are passed by name when
+the function names `completions` (or takes `**kwargs`), else by position (prompts, completions).
 A reward model scores `prompt + completion` (EOS included) at the last token, as in training.
 """
 
@@ -73,20 +75,22 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[str],
-                   columns: dict[str, list[Any]] | None = None) -> torch.Tensor:
+def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[Any],
+                   columns: dict[str, list[Any]] | None = None,
+                   completion_ids: list[list[int]] | None = None) -> torch.Tensor:
     """Call `fn` (see the module docstring) and check it returned one finite number per completion: [N] float32.
 
     `columns`: the prompt data's other fields, one value per completion.
     """
     columns = columns or {}
+    extra = {} if completion_ids is None else {"completion_ids": completion_ids}
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin or C callable: no signature to read
         params = {}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if takes_all or "completions" in params:  # TRL's convention: everything by name
-        named = {"prompts": prompts, "completions": completions, **columns}
+        named = {"prompts": prompts, "completions": completions, **extra, **columns}
         missing = [name for name, p in params.items() if name not in named and p.default is p.empty
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         if missing:

@@ -163,6 +163,22 @@ def test_reward_fn_gets_the_data_fields_it_names():
     assert call_reward_fn(lambda p, c: [float(len(x)) for x in p], prompts, completions, columns).tolist() == [1.0] * 3
     with pytest.raises(InputError, match=r"needs 'solution'.*fields: answer, level"):
         call_reward_fn(lambda completions, solution: [0.0] * 3, prompts, completions, columns)
+    ids = [[5, 2], [6], [7, 8, 2]]
+    lengths = call_reward_fn(lambda completions, completion_ids: [float(len(i)) for i in completion_ids], prompts,
+                             completions, columns, completion_ids=ids)
+    assert lengths.tolist() == [2.0, 1.0, 3.0]
+
+
+def test_conversational_completions_reach_the_reward_fn_as_assistant_messages(tmp_path):
+    """For chat prompts TRL passes each completion as [{"role": "assistant", "content": text}]; so does GRPO here."""
+    from rlhflab.algorithms.rollout import Rollout, score
+
+    chat = [{"role": "user", "content": "hi"}]
+    rollout = Rollout(prompts=[chat, "plain"], prompt_ids=[[1], [2]], completions=[[3], [4], [5], [6]],
+                      texts=["a", "b", "c", "d"], truncated=torch.zeros(4, dtype=torch.bool), group_size=2)
+    seen = []
+    score(rollout, lambda prompts, completions: seen.extend(completions) or [0.0] * 4, None, pad_token_id=0)
+    assert seen == [[{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}], "c", "d"]
 
 
 def test_reward_fn_sees_each_completions_own_prompt_fields(tmp_path):

@@ -148,9 +148,12 @@ def score(rollout: Rollout, reward_fn: RewardFn | None, reward_model: torch.nn.M
     assert (reward_fn is None) != (reward_model is None), "give a reward function or a reward model"
     rows = rows_of(distributed.share(list(range(len(rollout.prompts)))), rollout.group_size).tolist()
     if reward_fn is not None:
-        row_prompts = rollout.row_prompts()
+        row_prompts = [rollout.prompts[i // rollout.group_size] for i in rows]
+        # a conversation's completion is one assistant message, as TRL passes it
+        completions = [[{"role": "assistant", "content": rollout.texts[i]}] if isinstance(prompt, list)
+                       else rollout.texts[i] for i, prompt in zip(rows, row_prompts, strict=True)]
         columns = {name: [values[i // rollout.group_size] for i in rows] for name, values in rollout.columns.items()}
-        mine = call_reward_fn(reward_fn, [row_prompts[i] for i in rows], [rollout.texts[i] for i in rows], columns)
+        mine = call_reward_fn(reward_fn, row_prompts, completions, columns, [rollout.completions[i] for i in rows])
     else:
         row_ids = [rollout.prompt_ids[i // rollout.group_size] for i in rows]
         mine = reward_model_scores(reward_model, row_ids, [rollout.completions[i] for i in rows], pad_token_id)

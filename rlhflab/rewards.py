@@ -2,6 +2,7 @@
 
     --reward-fn rewards.py:score          a function in a file (loaded by path, never via sys.path)
     --reward-fn rlhflab.tasks:reviews_reward   a function in an importable module
+    --reward-fn r.py:fmt,r.py:acc --reward-weights 0.2,1   several, summed with weights (TRL's reward_weights)
 
 A reward function has the signature `f(prompts, completions, **columns) -> list[float]`: prompts
 as given in the data (strings, or lists of messages), completions as decoded strings without the
@@ -21,7 +22,7 @@ import importlib
 import importlib.util
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,37 @@ def load_reward_fn(spec: str) -> RewardFn:
     if not callable(fn):
         raise InputError(f"'{spec}' is a {type(fn).__name__}, not a function", field="reward_fn")
     return fn
+
+
+def load_reward_fns(specs: str) -> list[RewardFn]:
+    """The functions named by comma-separated specs (`a.py:format,a.py:accuracy`), in order."""
+    fns = [load_reward_fn(spec.strip()) for spec in specs.split(",") if spec.strip()]
+    if not fns:
+        raise InputError(f"'{specs}' names no function; {SPEC_HELP}", field="reward_fn")
+    return fns
+
+
+def as_reward_fns(reward_fn: RewardFn | Sequence[RewardFn] | None) -> list[RewardFn]:
+    """One reward function, several, or none, as a list."""
+    if reward_fn is None:
+        return []
+    return [reward_fn] if callable(reward_fn) else list(reward_fn)
+
+
+def reward_names(fns: list[RewardFn]) -> list[str]:
+    """Each function's `__name__` (TRL's metric key `rewards/NAME/mean`), numbered where two share one."""
+    names = [getattr(fn, "__name__", type(fn).__name__) for fn in fns]
+    return [f"{name}_{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def check_reward_weights(weights: list[float] | None, num_fns: int) -> list[float]:
+    """The weights of `num_fns` reward functions: as given (one each), or all 1."""
+    if weights is None:
+        return [1.0] * num_fns
+    if len(weights) != num_fns:
+        raise InputError(f"{len(weights)} reward weights for {num_fns} reward functions: give one per function",
+                         field="reward_weights")
+    return list(weights)
 
 
 def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[Any],

@@ -193,10 +193,12 @@ def _rl_inputs(cfg: Any) -> tuple[Any, dict[str, Any]]:
     None where a record lacks the field)."""
     from dataclasses import replace
 
-    from rlhflab.rewards import load_reward_fn
+    from rlhflab.rewards import check_reward_weights, load_reward_fns
 
     task = get_task(cfg.task) if cfg.task else None
-    reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # a bad spec fails before any build
+    reward_fn = load_reward_fns(cfg.reward_fn) if cfg.reward_fn else None  # a bad spec fails before any build
+    if reward_fn:
+        check_reward_weights(cfg.reward_weights, len(reward_fn))
     policy_path = resolve_model(cfg, sft_model)
     columns: dict[str, list[Any]] = {}
     if cfg.data:

@@ -65,8 +65,9 @@ def test_cli_reports_bad_data_with_location(tmp_path, tiny_artefacts):
 
 
 def test_grpo_reward_fn_reads_a_field_of_the_prompt_file(tmp_path, tiny_artefacts):
-    """`rlhflab grpo --data prompts.jsonl --reward-fn FILE:NAME`: the records' other fields reach the reward function
-    by name, row by row (TRL's convention), here an `answer` the function compares against."""
+    """`rlhflab grpo --data prompts.jsonl --reward-fn FILE:NAME,FILE:NAME --reward-weights ...`: the records' other
+    fields reach the reward functions by name, row by row (TRL's convention), here an `answer`; the reward is the
+    weighted sum of the functions'."""
     a = tiny_artefacts("reviews")
     records = [{"prompt": f"i bought this lamp {i}", "answer": str(i)} for i in range(4)]
     data = tmp_path / "prompts.jsonl"
@@ -77,9 +78,13 @@ def test_grpo_reward_fn_reads_a_field_of_the_prompt_file(tmp_path, tiny_artefact
         "def answer_check(completions, answer, prompts, **kwargs):\n"
         f"    open({str(log)!r}, 'a').write(json.dumps([prompts, answer]) + '\\n')\n"
         "    return [float(len(c) % 2) for c in completions]\n"
+        "def length(completions, **kwargs):\n"
+        "    return [float(len(c)) for c in completions]\n"
     )
+    reward = tmp_path / "reward.py"
     result = runner.invoke(app, ["grpo", "--model", str(sft_model(a)), "--data", str(data), "--reward-fn",
-                                 f"{tmp_path / 'reward.py'}:answer_check", "--out", str(tmp_path / "run"),
+                                 f"{reward}:answer_check,{reward}:length", "--reward-weights", "1,0.25",
+                                 "--out", str(tmp_path / "run"),
                                  "--max-steps", "2", "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "4",
                                  "--no-progress", "--threads", "1"])
     assert result.exit_code == 0, result.output
@@ -87,6 +92,9 @@ def test_grpo_reward_fn_reads_a_field_of_the_prompt_file(tmp_path, tiny_artefact
     assert len(calls) == 2
     for prompts, answers in calls:  # 2 prompts × 2 completions a step: each row carries its prompt's answer
         assert len(answers) == 4 and answers == [p.rsplit(" ", 1)[1] for p in prompts]
+    for row in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()):
+        weighted = row["rewards/answer_check/mean"] + 0.25 * row["rewards/length/mean"]
+        assert row["reward"] == pytest.approx(weighted, rel=1e-6)  # the reward is the weighted sum
 
 
 def test_cli_unknown_option_suggests():

@@ -18,6 +18,7 @@ extra forward is spent on them. Log-probs are taken at the sampling temperature 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from rlhflab.algorithms.rollout import (
     generate,
     pack,
     policy_logps,
+    reward_metrics,
     rows_of,
     score,
     step_seeds,
@@ -40,7 +42,7 @@ from rlhflab.core.advantages import group_advantages, group_reward_std
 from rlhflab.core.kl import kl_k3
 from rlhflab.core.policy_loss import aggregate, ppo_clip_loss, ppo_clip_token_losses
 from rlhflab.diagnostics.rl import grpo_monitors
-from rlhflab.rewards import RewardFn
+from rlhflab.rewards import RewardFn, as_reward_fns, check_reward_weights
 from rlhflab.training import distributed
 from rlhflab.training.data_order import split_micro_batches
 from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
@@ -60,11 +62,14 @@ class GRPORecipe:
     """The `Recipe` of the shared loop: `plan_step` samples and scores, `loss` is the clipped surrogate."""
 
     def __init__(self, policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], cfg: GRPOConfig, *,
-                 reward_fn: RewardFn | None = None, reward_model: torch.nn.Module | None = None,
+                 reward_fn: RewardFn | Sequence[RewardFn] | None = None, reward_model: torch.nn.Module | None = None,
                  reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
                  prompt_columns: dict[str, list[Any]] | None = None):
-        if (reward_fn is None) == (reward_model is None):
+        reward_fns = as_reward_fns(reward_fn)  # one or several, summed with cfg.reward_weights
+        if (not reward_fns) == (reward_model is None):
             raise ValueError("give exactly one of reward_fn and reward_model")
+        if reward_fns:
+            check_reward_weights(cfg.reward_weights, len(reward_fns))  # an input error before any sampling
         if cfg.beta > 0 and reference is None:
             raise ValueError("beta > 0 needs a reference model")
         if cfg.group_size < 2:
@@ -72,7 +77,7 @@ class GRPORecipe:
         self.model = policy
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.reward_fn, self.reward_model, self.reference, self.gold_fn = reward_fn, reward_model, reference, gold_fn
+        self.reward_fns, self.reward_model, self.reference, self.gold_fn = reward_fns, reward_model, reference, gold_fn
         self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed, prompt_columns)
         self.settings = SamplingSettings(cfg.max_new_tokens or 32, cfg.temperature, cfg.top_p, cfg.top_k)
         self.updates_per_step = cfg.num_iterations
@@ -82,13 +87,15 @@ class GRPORecipe:
         prompts, prompt_ids, columns = self.pool.take(cfg.batch_size)
         seeds = step_seeds(cfg.seed, step, len(prompts))
         rollout = generate(self.model, self.tokenizer, prompts, prompt_ids, k, self.settings, seeds, columns)
-        rewards = score(rollout, self.reward_fn, self.reward_model, self.tokenizer.pad_token_id)  # [N]
+        rewards, parts = score(rollout, self.reward_fns, self.reward_model, self.tokenizer.pad_token_id,
+                               cfg.reward_weights)  # [N], and each reward function's [N]
         advantages = group_advantages(rewards, k, cfg.scale_rewards)  # [N]
         groups_of = split_micro_batches(list(range(len(prompts))), cfg.grad_accum)  # prompts of each micro-batch
         trained = distributed.share(list(range(len(groups_of))))  # the ones this process trains on (all, alone)
         micro_batches = [self._micro_batch(rollout, groups, advantages, with_forwards=i in trained)
                          for i, groups in enumerate(groups_of)]
-        return StepPlan([micro_batches] * cfg.num_iterations, self._rollout_metrics(rollout, rewards))
+        metrics = {**self._rollout_metrics(rollout, rewards), **reward_metrics(parts)}
+        return StepPlan([micro_batches] * cfg.num_iterations, metrics)
 
     @torch.no_grad()
     def _micro_batch(self, rollout: Rollout, groups: list[int], advantages: torch.Tensor,
@@ -158,7 +165,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def run_grpo(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], *,
-             reward_fn: RewardFn | None = None, reward_model: torch.nn.Module | None = None,
+             reward_fn: RewardFn | Sequence[RewardFn] | None = None, reward_model: torch.nn.Module | None = None,
              reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
              prompt_columns: dict[str, list[Any]] | None = None):
     """Train `policy` with GRPO into `cfg.out`; returns the saved model folder.

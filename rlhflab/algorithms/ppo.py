@@ -20,6 +20,7 @@ new order every epoch, so the first update sees exactly the rows its old log-pro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from rlhflab.algorithms.rollout import (
     pack,
     packed_values,
     policy_logps,
+    reward_metrics,
     rows_of,
     score,
     step_seeds,
@@ -50,7 +52,7 @@ from rlhflab.core.policy_loss import (
 )
 from rlhflab.diagnostics.rl import ppo_monitors
 from rlhflab.errors import InputError
-from rlhflab.rewards import RewardFn
+from rlhflab.rewards import RewardFn, as_reward_fns, check_reward_weights
 from rlhflab.training import distributed
 from rlhflab.training.data_order import chunks, split_micro_batches
 from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
@@ -93,15 +95,18 @@ class KLController:
 
 class PPORecipe:
     def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module, reference: torch.nn.Module,
-                 tokenizer: Any, prompts: list[Any], cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
-                 reward_model: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
-                 prompt_columns: dict[str, list[Any]] | None = None):
-        if (reward_fn is None) == (reward_model is None):
+                 tokenizer: Any, prompts: list[Any], cfg: PPOConfig, *,
+                 reward_fn: RewardFn | Sequence[RewardFn] | None = None, reward_model: torch.nn.Module | None = None,
+                 gold_fn: RewardFn | None = None, prompt_columns: dict[str, list[Any]] | None = None):
+        reward_fns = as_reward_fns(reward_fn)  # one or several, summed with cfg.reward_weights
+        if (not reward_fns) == (reward_model is None):
             raise ValueError("give exactly one of reward_fn and reward_model")
+        if reward_fns:
+            check_reward_weights(cfg.reward_weights, len(reward_fns))  # an input error before any sampling
         self.policy, self.value_model, self.reference = policy, value_model, reference
         self.model = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # everything the optimizer trains
         self.tokenizer, self.cfg = tokenizer, cfg
-        self.reward_fn, self.reward_model, self.gold_fn = reward_fn, reward_model, gold_fn
+        self.reward_fns, self.reward_model, self.gold_fn = reward_fns, reward_model, gold_fn
         self.kl_estimator = get_kl_estimator(cfg.kl_estimator)
         self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed, prompt_columns)
         self.settings = SamplingSettings(cfg.max_new_tokens or 32, cfg.temperature, cfg.top_p, cfg.top_k)
@@ -121,7 +126,8 @@ class PPORecipe:
         seeds = step_seeds(cfg.seed, step, len(prompts))  # sampling: seeded by the step, see rollout.generate
         rollout = generate(self.policy, self.tokenizer, prompts, prompt_ids, cfg.group_size, self.settings, seeds,
                            columns)
-        scores = score(rollout, self.reward_fn, self.reward_model, self.tokenizer.pad_token_id)  # [N]
+        scores, parts = score(rollout, self.reward_fns, self.reward_model, self.tokenizer.pad_token_id,
+                              cfg.reward_weights)  # [N], and each reward function's [N]
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * rollout.truncated.float()
         order = torch.randperm(len(prompts), generator=self.shuffle).tolist()
@@ -133,6 +139,7 @@ class PPORecipe:
                                 for i, groups in enumerate(groups_of)])
         metrics = self._advantages(minibatches, scores, rollout.lengths().long())
         metrics.update(completion_metrics(rollout))
+        metrics.update(reward_metrics(parts))
         if self.gold_fn is not None:  # the truth beside the proxy, for reward.proxy_gold_divergence
             metrics["gold/reward"] = sum(self.gold_fn(rollout.row_prompts(), rollout.texts)) / len(rollout.texts)
         updates = []
@@ -231,7 +238,7 @@ class PPORecipe:
 
 
 def run_ppo(cfg: PPOConfig, policy: torch.nn.Module, value_model: torch.nn.Module, reference: torch.nn.Module,
-            tokenizer: Any, prompts: list[Any], *, reward_fn: RewardFn | None = None,
+            tokenizer: Any, prompts: list[Any], *, reward_fn: RewardFn | Sequence[RewardFn] | None = None,
             reward_model: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
             prompt_columns: dict[str, list[Any]] | None = None):
     """Train `policy` (and `value_model`) with PPO into `cfg.out`; returns the saved policy folder.

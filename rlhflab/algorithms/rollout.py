@@ -31,7 +31,7 @@ from rlhflab.core.packing import (
 from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TruncationCounter, tokenize_prompt
 from rlhflab.models.loading import token_scores
-from rlhflab.rewards import RewardFn, call_reward_fn, reward_model_scores
+from rlhflab.rewards import RewardFn, call_reward_fn, check_reward_weights, reward_model_scores, reward_names
 from rlhflab.training import distributed
 from rlhflab.training.data_order import EpochSampler
 
@@ -52,7 +52,8 @@ class RolloutConfig(RunConfig):
     top_p: float = 1.0
     top_k: int = 0
     clip_eps: float = 0.2  # ε: policy ratio clipped to [1 − ε, 1 + ε]
-    reward_fn: str | None = None  # FILE.py:NAME or package.module:NAME; default: the reward model
+    reward_fn: str | None = None  # FILE.py:NAME or package.module:NAME, or several comma-separated; default: the reward model
+    reward_weights: list[float] | None = None  # one per reward function (their weighted sum is the reward); default: all 1
     reward_model: str | None = None  # reward model folder; default with --task: the task's reward model
     num_prompts: int = 4000  # built-in tasks: training prompts to generate
     task_size: str = "small"  # small | tiny: which cached task artefacts to start from
@@ -139,25 +140,32 @@ def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt
     return Rollout(prompts, prompt_ids, completions, texts, truncated, group_size, columns or {})
 
 
-def score(rollout: Rollout, reward_fn: RewardFn | None, reward_model: torch.nn.Module | None,
-          pad_token_id: int) -> torch.Tensor:
-    """Reward of each completion: [N]. Exactly one of `reward_fn` and `reward_model` is given.
+def score(rollout: Rollout, reward_fns: list[RewardFn] | None, reward_model: torch.nn.Module | None,
+          pad_token_id: int, weights: list[float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(reward of each completion [N], each reward function's own [N] by name).
 
-    Under torchrun each process scores the rows of the prompts it sampled and receives the others'.
+    The reward is Σ_i weights[i] · f_i (weights default to 1), or the reward model's score (then no
+    parts). Exactly one of `reward_fns` and `reward_model` is given. Under torchrun each process
+    scores the rows of the prompts it sampled and receives the others'.
     """
-    assert (reward_fn is None) != (reward_model is None), "give a reward function or a reward model"
+    assert (not reward_fns) != (reward_model is None), "give reward functions or a reward model"
     rows = rows_of(distributed.share(list(range(len(rollout.prompts)))), rollout.group_size).tolist()
-    if reward_fn is not None:
-        row_prompts = [rollout.prompts[i // rollout.group_size] for i in rows]
-        # a conversation's completion is one assistant message, as TRL passes it
-        completions = [[{"role": "assistant", "content": rollout.texts[i]}] if isinstance(prompt, list)
-                       else rollout.texts[i] for i, prompt in zip(rows, row_prompts, strict=True)]
-        columns = {name: [values[i // rollout.group_size] for i in rows] for name, values in rollout.columns.items()}
-        mine = call_reward_fn(reward_fn, row_prompts, completions, columns, [rollout.completions[i] for i in rows])
-    else:
+    if reward_model is not None:
         row_ids = [rollout.prompt_ids[i // rollout.group_size] for i in rows]
         mine = reward_model_scores(reward_model, row_ids, [rollout.completions[i] for i in rows], pad_token_id)
-    return torch.tensor(distributed.all_gather(mine.tolist()), dtype=torch.float32)  # [N]
+        return torch.tensor(distributed.all_gather(mine.tolist()), dtype=torch.float32), {}  # [N]
+    row_prompts = [rollout.prompts[i // rollout.group_size] for i in rows]
+    # a conversation's completion is one assistant message, as TRL passes it
+    completions = [[{"role": "assistant", "content": rollout.texts[i]}] if isinstance(prompt, list)
+                   else rollout.texts[i] for i, prompt in zip(rows, row_prompts, strict=True)]
+    columns = {name: [values[i // rollout.group_size] for i in rows] for name, values in rollout.columns.items()}
+    completion_ids = [rollout.completions[i] for i in rows]
+    parts = {}
+    for name, fn in zip(reward_names(reward_fns), reward_fns, strict=True):
+        mine = call_reward_fn(fn, row_prompts, completions, columns, completion_ids)
+        parts[name] = torch.tensor(distributed.all_gather(mine.tolist()), dtype=torch.float32)  # [N]
+    weights = check_reward_weights(weights, len(reward_fns))
+    return sum(w * part for w, part in zip(weights, parts.values(), strict=True)), parts
 
 
 def pack(rollout: Rollout, groups: list[int], pad_token_id: int, max_row_tokens: int) -> PackedBatch:
@@ -194,6 +202,15 @@ def packed_values(value_model: torch.nn.Module, packed: PackedBatch) -> torch.Te
     check_attention_implementation(value_model)
     scores = token_scores(value_model, packed.input_ids, mask_for(value_model, packed), packed.position_ids)  # [R, L]
     return to_padded(scores.flatten()[packed.logit_index], packed)[0]  # float32: token_scores returns it
+
+
+def reward_metrics(parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """TRL's names: each reward function's mean and std over the batch, `rewards/NAME/mean` and `/std`."""
+    metrics = {}
+    for name, values in parts.items():
+        metrics[f"rewards/{name}/mean"] = values.mean().item()
+        metrics[f"rewards/{name}/std"] = values.std().item() if values.numel() > 1 else 0.0
+    return metrics
 
 
 def completion_metrics(rollout: Rollout) -> dict[str, float]:

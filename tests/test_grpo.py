@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,6 +117,47 @@ def test_resume_gives_identical_metrics(tmp_path):
     _, resumed = run(replace(part_cfg, resume="auto"), tokenizer)
     strip = [{k: v for k, v in m.items() if k != "time"} for m in full]
     assert [{k: v for k, v in m.items() if k != "time"} for m in resumed] == strip
+    # the example completions too: each step's once, as the uninterrupted run wrote them
+    logged = [(tmp_path / run_dir / "run" / "completions.jsonl").read_text() for run_dir in ("full", "part")]
+    assert logged[0] == logged[1]
+    assert [json.loads(line)["step"] for line in logged[0].splitlines()] == [s for s in range(4) for _ in range(8)]
+
+
+def test_completions_log_matches_the_rollout(tmp_path):
+    """completions.jsonl: the first log_completions completions of every logged step, with the reward the reward
+    function gives their text and the group-relative advantage recomputed from the logged rewards."""
+    cfg = config(tmp_path, log_completions=4, group_size=4, beta=0.0)
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [s for s in range(cfg.max_steps) for _ in range(4)]
+    for step in range(cfg.max_steps):
+        group = [r for r in rows if r["step"] == step]  # one whole group of 4: the first prompt's
+        assert len({r["prompt"] for r in group}) == 1
+        rewards = torch.tensor([r["reward"] for r in group])
+        assert rewards.tolist() == pytest.approx(count_a([r["prompt"] for r in group], [r["completion"] for r in group]))
+        expected = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+        assert [r["advantage"] for r in group] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_mask_truncated_completions_leaves_cut_off_text_out_of_the_loss(tmp_path):
+    """DAPO's overlong masking: with beta 0 the masked loss equals the unmasked loss of the same batch with the cut-off
+    completions' advantages set to 0, and the item count (tokens, token_mean) counts only finished completions."""
+    tokenizer = tiny_tokenizer()
+    cfg = config(tmp_path, beta=0.0, loss_agg="token_mean", max_new_tokens=3, mask_truncated_completions=True)
+    recipe = GRPORecipe(tiny_lm(tokenizer), tokenizer, PROMPTS, cfg, reward_fn=count_a)
+    for step in range(6):  # find a step with both finished and cut-off completions
+        plan = recipe.plan_step(step)
+        mb = plan.updates[0][0]
+        if 0 < int(mb["in_loss"].sum()) < len(mb["in_loss"]):
+            break
+    else:
+        pytest.fail("no step mixed finished and truncated completions")
+    lengths = mb["packed"].completion_lengths
+    assert mb["num_items"] == int(lengths[mb["in_loss"]].sum())
+    masked, _ = recipe.loss(mb)
+    zeroed = {**mb, "in_loss": torch.ones_like(mb["in_loss"]), "advantages": mb["advantages"] * mb["in_loss"]}
+    reference, _ = recipe.loss(zeroed)
+    torch.testing.assert_close(masked, reference)
 
 
 def test_load_reward_fn_from_file_and_module(tmp_path):

@@ -30,6 +30,7 @@ from rlhflab.algorithms.rollout import (
     RolloutConfig,
     SamplingSettings,
     completion_metrics,
+    example_completions,
     generate,
     pack,
     policy_logps,
@@ -56,6 +57,7 @@ class GRPOConfig(RolloutConfig):
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     scale_rewards: str = "group"  # group | batch | none: divide centred rewards by the group's std, the batch's, or nothing
     num_iterations: int = 1  # optimizer updates per rollout batch (μ in the paper); > 1 computes old log-probs
+    mask_truncated_completions: bool = False  # DAPO: completions that never emitted EOS are left out of the loss
 
 
 class GRPORecipe:
@@ -95,7 +97,8 @@ class GRPORecipe:
         micro_batches = [self._micro_batch(rollout, groups, advantages, with_forwards=i in trained)
                          for i, groups in enumerate(groups_of)]
         metrics = {**self._rollout_metrics(rollout, rewards), **reward_metrics(parts)}
-        return StepPlan([micro_batches] * cfg.num_iterations, metrics)
+        samples = example_completions(rollout, rewards, cfg.log_completions, advantage=advantages)
+        return StepPlan([micro_batches] * cfg.num_iterations, metrics, samples)
 
     @torch.no_grad()
     def _micro_batch(self, rollout: Rollout, groups: list[int], advantages: torch.Tensor,
@@ -112,14 +115,18 @@ class GRPORecipe:
             old_logps = policy_logps(self.model, packed, self.cfg.temperature)[0]
         if with_forwards and self.cfg.beta > 0:
             ref_logps = policy_logps(self.reference, packed, self.cfg.temperature)[0]
-        lengths = packed.completion_lengths
+        in_loss = torch.ones(len(rows), dtype=torch.bool)  # [n] completions that count in the loss
+        if self.cfg.mask_truncated_completions:  # DAPO (Yu et al. 2025, sec. 3.4): cut-off text is no evidence
+            in_loss = ~rollout.truncated[rows]
+        lengths = packed.completion_lengths * in_loss
         num_items = int(lengths.sum()) if self.cfg.loss_agg == "token_mean" else int((lengths > 0).sum())
         return {"packed": packed, "advantages": advantages[rows], "old_logps": old_logps,
-                "ref_logps": ref_logps, "num_items": num_items}
+                "ref_logps": ref_logps, "in_loss": in_loss, "num_items": num_items}
 
     def loss(self, mb: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         logps, mask, entropy = policy_logps(self.model, mb["packed"], cfg.temperature, with_entropy=True)  # [n, T]
+        mask = mask & mb["in_loss"][:, None].to(mask.device)
         old_logps = logps.detach() if mb["old_logps"] is None else mb["old_logps"]
         advantages = mb["advantages"][:, None].expand_as(logps)  # one advantage per completion
         token_losses = ppo_clip_token_losses(logps, old_logps, advantages, cfg.clip_eps, cfg.clip_eps_high)

@@ -31,6 +31,7 @@ from rlhflab.algorithms.rollout import (
     RolloutConfig,
     SamplingSettings,
     completion_metrics,
+    example_completions,
     generate,
     pack,
     packed_values,
@@ -147,7 +148,7 @@ class PPORecipe:
             visit = torch.randperm(len(minibatches), generator=self.shuffle).tolist() if updates else range(len(minibatches))
             updates += [minibatches[i] for i in visit]
         self.kl_ctl.update(metrics["objective/kl"], len(rollout.completions))
-        return StepPlan(updates, metrics)
+        return StepPlan(updates, metrics, example_completions(rollout, scores, cfg.log_completions))
 
     @torch.no_grad()
     def _micro_batch(self, rollout, groups: list[int], with_forwards: bool) -> dict[str, Any]:

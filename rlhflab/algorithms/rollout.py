@@ -58,6 +58,7 @@ class RolloutConfig(RunConfig):
     num_prompts: int = 4000  # built-in tasks: training prompts to generate
     task_size: str = "small"  # small | tiny: which cached task artefacts to start from
     packed_row_tokens: int = 512  # longest packed row (a prompt and its k completions share one row segment)
+    log_completions: int = 8  # completions written to completions.jsonl at each logged step (the first groups); 0: none
 
 
 class PromptPool:
@@ -202,6 +203,18 @@ def packed_values(value_model: torch.nn.Module, packed: PackedBatch) -> torch.Te
     check_attention_implementation(value_model)
     scores = token_scores(value_model, packed.input_ids, mask_for(value_model, packed), packed.position_ids)  # [R, L]
     return to_padded(scores.flatten()[packed.logit_index], packed)[0]  # float32: token_scores returns it
+
+
+def example_completions(rollout: Rollout, rewards: torch.Tensor, count: int,
+                        **per_row: torch.Tensor) -> list[dict[str, Any]]:
+    """The first `count` completions (whole groups first) with their prompt, reward and `per_row` values
+    ([N] tensors, e.g. advantages): the lines of completions.jsonl."""
+    return [
+        {"prompt": rollout.prompts[i // rollout.group_size], "completion": rollout.texts[i],
+         "reward": float(rewards[i]), "truncated": bool(rollout.truncated[i]),
+         **{name: float(values[i]) for name, values in per_row.items()}}
+        for i in range(min(count, len(rollout.completions)))
+    ]  # fmt: skip
 
 
 def reward_metrics(parts: dict[str, torch.Tensor]) -> dict[str, float]:

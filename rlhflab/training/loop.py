@@ -57,6 +57,7 @@ console = Console(stderr=True)
 class StepPlan:
     updates: list[list[Any]]  # optimizer updates; each is a list of micro-batches with a `num_items` key
     metrics: dict[str, float] = field(default_factory=dict)  # step-level metrics (e.g. rollout rewards)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # example rollouts, logged to completions.jsonl
 
 
 class Recipe(Protocol):
@@ -251,6 +252,7 @@ def train(
                 new_findings = [f for m in monitors for f in m.observe(step, metrics)]
                 if step % cfg.log_every == 0 or step == cfg.max_steps - 1 or not applied:
                     metrics_writer.write(step, metrics, time.perf_counter() - started)
+                    metrics_writer.write_samples(step, plan.samples)
                 if main:
                     findings.emit(new_findings)
                 faults.after_step(step)
@@ -300,7 +302,8 @@ def _run_updates(plan: StepPlan, loss_fn, optimizer, scheduler, trainable, max_g
     applied = True
     loss_total, grad_norms = 0.0, []
     for micro_batches in plan.updates:
-        total_items = float(sum(mb["num_items"] for mb in micro_batches))  # the whole update's, on every process
+        # the whole update's, on every process; an update of no items (all masked) gives a zero gradient, not 0/0
+        total_items = max(float(sum(mb["num_items"] for mb in micro_batches)), 1.0)
         update_loss = 0.0
         mine = distributed.share(micro_batches)
         for i, mb in enumerate(mine):
@@ -332,7 +335,9 @@ def _run_updates(plan: StepPlan, loss_fn, optimizer, scheduler, trainable, max_g
             break  # the step is rejected as a whole: later updates of it would build on a bad one
     keys = list(sums)  # the same keys in the same order on every process: one recipe, same micro-batch kinds
     totals = distributed.all_reduce([sums[k] for k in keys] + [weights[k] for k in keys])
-    metrics = {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys)}
+    weight_of = dict(zip(keys, totals[len(keys) :], strict=True))
+    # a metric of no items (every token masked, e.g. all completions cut off) is undefined: NaN, not 0/0
+    metrics = {k: totals[i] / weight_of[k] if weight_of[k] else math.nan for i, k in enumerate(keys)}
     metrics["loss"] = loss_total / len(grad_norms)
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return metrics, applied

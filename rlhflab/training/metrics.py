@@ -1,4 +1,5 @@
-"""Metric sinks: `metrics.jsonl` (one JSON object per logged step) and TensorBoard event files."""
+"""Metric sinks: `metrics.jsonl` (one JSON object per logged step), TensorBoard event files, and
+`completions.jsonl` (example rollouts of PPO and GRPO: one JSON object per sample, with its step)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,17 @@ class MetricsWriter:
 
     def __init__(self, out: Path, keep_until_step: int | None = None, tensorboard: bool = True, enabled: bool = True):
         self.path = Path(out) / "metrics.jsonl"
-        self._file = None
+        self.samples_path = Path(out) / "completions.jsonl"
+        self._file = self._samples = None
         self._tb = None
         if not enabled:
             return
         if keep_until_step is None:
             self.path.write_text("")
+            self.samples_path.unlink(missing_ok=True)  # written only by recipes that give samples
         else:
             truncate_jsonl(self.path, keep_until_step)
+            truncate_jsonl(self.samples_path, keep_until_step)
         self._file = self.path.open("a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -46,7 +50,18 @@ class MetricsWriter:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, float(value), step)
 
+    def write_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Append `{"step", **sample}` lines to completions.jsonl (rank 0 only, like the metrics)."""
+        if self._file is None or not samples:
+            return
+        if self._samples is None:
+            self._samples = self.samples_path.open("a", encoding="utf-8")
+        self._samples.write("".join(json.dumps({"step": step, **sample}) + "\n" for sample in samples))
+        self._samples.flush()
+
     def close(self) -> None:
+        if self._samples is not None:
+            self._samples.close()
         if self._file is not None:
             self._file.close()
         if self._tb is not None:

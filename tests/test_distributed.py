@@ -224,6 +224,12 @@ def test_two_processes_train_as_one(inputs, tmp_path):
     start = load_file(Path(inputs["model"]) / "model.safetensors")
     for command in ("grpo", "ppo"):
         _assert_same_run(one / command, two / command)
+        # the example completions of rank 0: the whole rollout, as one process sampled and scored it
+        logged = [[json.loads(line) for line in (run / command / "completions.jsonl").read_text().splitlines()]
+                  for run in (one, two)]
+        assert [(r["step"], r["prompt"], r["completion"]) for r in logged[1]] == [
+            (r["step"], r["prompt"], r["completion"]) for r in logged[0]]
+        assert [r["reward"] for r in logged[1]] == pytest.approx([r["reward"] for r in logged[0]], rel=1e-4, abs=1e-5)
         trained = load_file(two / command / "model" / "model.safetensors")
         moved = max((trained[key] - start[key]).abs().max().item() for key in start)
         assert moved > 1e-3, f"{command}: the policy did not move, so equal weights prove nothing"

@@ -139,6 +139,24 @@ def test_completions_log_matches_the_rollout(tmp_path):
         assert [r["advantage"] for r in group] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def test_rloo_advantages_in_a_grpo_step(tmp_path):
+    """--advantage-estimator rloo: each completion's advantage is its reward minus the mean of its k−1 siblings'
+    (a leave-one-out loop over the step's logged rewards); an unknown estimator is an input error."""
+    from rlhflab.config import load_config
+
+    tokenizer = tiny_tokenizer()
+    cfg = config(tmp_path, advantage_estimator="rloo", log_completions=8, beta=0.0)
+    plan = GRPORecipe(tiny_lm(tokenizer), tokenizer, PROMPTS, cfg, reward_fn=count_a).plan_step(0)
+    rows, k = plan.samples, cfg.group_size
+    for g in range(cfg.batch_size):
+        group = rows[g * k : (g + 1) * k]
+        for i, row in enumerate(group):
+            others = [r["reward"] for j, r in enumerate(group) if j != i]
+            assert row["advantage"] == pytest.approx(row["reward"] - sum(others) / len(others), abs=1e-6)
+    with pytest.raises(InputError, match="grpo, rloo"):
+        load_config(GRPOConfig, overrides={"advantage_estimator": "ppo"})
+
+
 def test_mask_truncated_completions_leaves_cut_off_text_out_of_the_loss(tmp_path):
     """DAPO's overlong masking: with beta 0 the masked loss equals the unmasked loss of the same batch with the cut-off
     completions' advantages set to 0, and the item count (tokens, token_mean) counts only finished completions."""

@@ -4,6 +4,7 @@ One step = one rollout batch:
 
     B prompts ─► k samples each (prompt prefilled once) ─► rewards r [B·k] (reward fn or reward model)
       ─► A_i = (r_i − mean_group r) / (std + eps)           (scale_rewards: group | batch | none)
+             or RLOO: A_i = r_i − mean_{j≠i} r_j             (advantage_estimator: rloo)
       ─► reference log-probs (if beta > 0), old log-probs (if num_iterations > 1): packed forwards,
          each prompt computed once per group  [P | c1 | ... | ck]
       ─► num_iterations optimizer updates over the whole batch (grad_accum micro-batches each):
@@ -39,7 +40,7 @@ from rlhflab.algorithms.rollout import (
     score,
     step_seeds,
 )
-from rlhflab.core.advantages import group_advantages, group_reward_std
+from rlhflab.core.advantages import group_advantages, group_reward_std, rloo_advantages
 from rlhflab.core.kl import kl_k3
 from rlhflab.core.policy_loss import aggregate, ppo_clip_loss, ppo_clip_token_losses
 from rlhflab.diagnostics.rl import grpo_monitors
@@ -56,6 +57,7 @@ class GRPOConfig(RolloutConfig):
     clip_eps_high: float | None = None  # ε_high (DAPO clip-higher, e.g. 0.28); default: clip_eps
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     scale_rewards: str = "group"  # group | batch | none: divide centred rewards by the group's std, the batch's, or nothing
+    advantage_estimator: str = "grpo"  # grpo (above) | rloo: r_i minus the mean of the other k−1 (Ahmadian et al. 2024)
     num_iterations: int = 1  # optimizer updates per rollout batch (μ in the paper); > 1 computes old log-probs
     mask_truncated_completions: bool = False  # DAPO: completions that never emitted EOS are left out of the loss
 
@@ -91,7 +93,10 @@ class GRPORecipe:
         rollout = generate(self.model, self.tokenizer, prompts, prompt_ids, k, self.settings, seeds, columns)
         rewards, parts = score(rollout, self.reward_fns, self.reward_model, self.tokenizer.pad_token_id,
                                cfg.reward_weights)  # [N], and each reward function's [N]
-        advantages = group_advantages(rewards, k, cfg.scale_rewards)  # [N]
+        if cfg.advantage_estimator == "rloo":
+            advantages = rloo_advantages(rewards, k)  # [N]
+        else:
+            advantages = group_advantages(rewards, k, cfg.scale_rewards)  # [N]
         groups_of = split_micro_batches(list(range(len(prompts))), cfg.grad_accum)  # prompts of each micro-batch
         trained = distributed.share(list(range(len(groups_of))))  # the ones this process trains on (all, alone)
         micro_batches = [self._micro_batch(rollout, groups, advantages, with_forwards=i in trained)

@@ -8,8 +8,6 @@ nor pass one along.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -99,21 +97,3 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     grouped = rewards.view(-1, group_size)
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - baseline).reshape(-1)
-
-
-# Token-level (gae: needs a critic) and outcome-level (grpo, rloo: one reward per completion) estimators;
-# each keeps its own signature, as in verl's `@register_adv_est`.
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor | tuple[Tensor, Tensor]]] = {
-    "gae": gae,
-    "grpo": group_advantages,
-    "rloo": rloo_advantages,
-}
-
-
-def get_advantage_estimator(name: str) -> Callable[..., Tensor | tuple[Tensor, Tensor]]:
-    """The advantage estimator called `name`; ValueError listing the valid names otherwise."""
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(
-            f"unknown advantage estimator {name!r}; valid: {', '.join(sorted(ADVANTAGE_ESTIMATORS))}"
-        )
-    return ADVANTAGE_ESTIMATORS[name]

@@ -157,6 +157,23 @@ def test_rloo_advantages_in_a_grpo_step(tmp_path):
         load_config(GRPOConfig, overrides={"advantage_estimator": "ppo"})
 
 
+def test_drop_zero_std_groups_leaves_tied_groups_out_of_the_loss(tmp_path):
+    """Groups whose rewards all tie leave the loss and its item count; the others stay (checked against the
+    logged rewards of every row)."""
+    def tie_on_short_prompts(prompts, completions):
+        return [0.0 if len(p) < 4 else float(len(c)) for p, c in zip(prompts, completions, strict=True)]
+
+    tokenizer = tiny_tokenizer()
+    cfg = config(tmp_path, beta=0.0, batch_size=6, loss_agg="token_mean", drop_zero_std_groups=True, log_completions=48)
+    plan = GRPORecipe(tiny_lm(tokenizer), tokenizer, PROMPTS, cfg, reward_fn=tie_on_short_prompts).plan_step(0)
+    mb, k = plan.updates[0][0], cfg.group_size
+    rewards = torch.tensor([r["reward"] for r in plan.samples]).view(-1, k)
+    informative = (rewards.max(dim=1).values > rewards.min(dim=1).values).repeat_interleave(k)
+    assert 0 < int(informative.sum()) < len(informative)  # both kinds of group in this step
+    assert mb["in_loss"].tolist() == informative.tolist()
+    assert mb["num_items"] == int(mb["packed"].completion_lengths[informative].sum())
+
+
 def test_mask_truncated_completions_leaves_cut_off_text_out_of_the_loss(tmp_path):
     """DAPO's overlong masking: with beta 0 the masked loss equals the unmasked loss of the same batch with the cut-off
     completions' advantages set to 0, and the item count (tokens, token_mean) counts only finished completions."""

@@ -60,6 +60,7 @@ class GRPOConfig(RolloutConfig):
     advantage_estimator: str = "grpo"  # grpo (above) | rloo: r_i minus the mean of the other k−1 (Ahmadian et al. 2024)
     num_iterations: int = 1  # optimizer updates per rollout batch (μ in the paper); > 1 computes old log-probs
     mask_truncated_completions: bool = False  # DAPO: completions that never emitted EOS are left out of the loss
+    drop_zero_std_groups: bool = False  # groups whose rewards all tie (advantage 0) are left out of the loss and its normalisation
 
 
 class GRPORecipe:
@@ -97,16 +98,21 @@ class GRPORecipe:
             advantages = rloo_advantages(rewards, k)  # [N]
         else:
             advantages = group_advantages(rewards, k, cfg.scale_rewards)  # [N]
+        in_loss = torch.ones(len(rewards), dtype=torch.bool)  # [N] completions that count in the loss
+        if cfg.mask_truncated_completions:  # DAPO (Yu et al. 2025, sec. 3.4): cut-off text is no evidence
+            in_loss &= ~rollout.truncated
+        if cfg.drop_zero_std_groups:  # DAPO's filter without the resampling: tied groups only dilute the mean
+            in_loss &= (group_reward_std(rewards, k) > 1e-6).repeat_interleave(k)
         groups_of = split_micro_batches(list(range(len(prompts))), cfg.grad_accum)  # prompts of each micro-batch
         trained = distributed.share(list(range(len(groups_of))))  # the ones this process trains on (all, alone)
-        micro_batches = [self._micro_batch(rollout, groups, advantages, with_forwards=i in trained)
+        micro_batches = [self._micro_batch(rollout, groups, advantages, in_loss, with_forwards=i in trained)
                          for i, groups in enumerate(groups_of)]
         metrics = {**self._rollout_metrics(rollout, rewards), **reward_metrics(parts)}
         samples = example_completions(rollout, rewards, cfg.log_completions, advantage=advantages)
         return StepPlan([micro_batches] * cfg.num_iterations, metrics, samples)
 
     @torch.no_grad()
-    def _micro_batch(self, rollout: Rollout, groups: list[int], advantages: torch.Tensor,
+    def _micro_batch(self, rollout: Rollout, groups: list[int], advantages: torch.Tensor, in_loss: torch.Tensor,
                      with_forwards: bool) -> dict[str, Any]:
         """Packed rows of these prompts' groups, their advantages and the fixed log-probs (old, reference).
 
@@ -120,9 +126,7 @@ class GRPORecipe:
             old_logps = policy_logps(self.model, packed, self.cfg.temperature)[0]
         if with_forwards and self.cfg.beta > 0:
             ref_logps = policy_logps(self.reference, packed, self.cfg.temperature)[0]
-        in_loss = torch.ones(len(rows), dtype=torch.bool)  # [n] completions that count in the loss
-        if self.cfg.mask_truncated_completions:  # DAPO (Yu et al. 2025, sec. 3.4): cut-off text is no evidence
-            in_loss = ~rollout.truncated[rows]
+        in_loss = in_loss[rows]  # [n]
         lengths = packed.completion_lengths * in_loss
         num_items = int(lengths.sum()) if self.cfg.loss_agg == "token_mean" else int((lengths > 0).sum())
         return {"packed": packed, "advantages": advantages[rows], "old_logps": old_logps,

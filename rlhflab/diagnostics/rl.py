@@ -65,7 +65,7 @@ class ZeroStdGroupsMonitor(WindowMonitor):
     keys = ("frac_reward_zero_std",)
     advice = ("Those groups give no gradient. Sample more completions per prompt (--group-size), raise "
               "--temperature, use prompts of a difficulty where some but not all completions succeed, or drop "
-              "zero-std groups from the batch.")
+              "zero-std groups from the loss (GRPO --drop-zero-std-groups).")
 
     def __init__(self, threshold: float = 0.25, window: int = 5):
         super().__init__(window)

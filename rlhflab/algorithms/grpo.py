@@ -11,6 +11,8 @@ One step = one rollout batch:
              ρ_t = exp(log π(y_t) − log π_old(y_t))
              ℓ_t = max(−A ρ_t, −A clip(ρ_t, 1 − ε, 1 + ε_high)) + β k3(π, π_ref)_t
              loss = aggregate(ℓ, mask, loss_agg)     (seq_mean_token_mean | token_mean | seq_mean_token_sum_norm)
+         mask: the completion tokens, less cut-off completions (mask_truncated_completions) and groups whose
+         rewards all tie (drop_zero_std_groups), if asked for
 
 With num_iterations = 1 every rollout batch is used once, so π_old = π: the old log-probs are the
 current forward's own values, detached (ρ = 1 exactly, the gradient is that of A · log π), and no

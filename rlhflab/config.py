@@ -65,6 +65,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss_agg": ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"),
     "scale_rewards": ("group", "batch", "none"),
     "advantage_estimator": ("grpo", "rloo"),
+    "importance_sampling_level": ("token", "sequence"),
 }
 MINIMUM: dict[str, int | float] = {
     "seed": 0, "max_steps": 0, "batch_size": 1, "grad_accum": 1, "lr": 0.0, "warmup_ratio": 0.0, "min_lr_ratio": 0.0,

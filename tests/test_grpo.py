@@ -65,12 +65,16 @@ def test_smoke_parameters_change_and_metrics_are_finite(tmp_path):
     assert (Path(tmp_path) / "run" / "model" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize(("num_iterations", "precision"), [(1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")])
-def test_ratio_is_exactly_one_at_iteration_zero(tmp_path, num_iterations, precision):
+@pytest.mark.parametrize(("num_iterations", "precision", "level"),
+                         [(1, "fp32", "token"), (2, "fp32", "token"), (1, "bf16", "token"), (2, "bf16", "token"),
+                          (2, "fp32", "sequence")])
+def test_ratio_is_exactly_one_at_iteration_zero(tmp_path, num_iterations, precision, level):
     """Old log-probs: the current forward detached (1 iteration) or a no-grad forward of the same packed rows
-    (in the same precision, so also exact under bf16 autocast); KL to an equal reference is exactly 0."""
+    (in the same precision, so also exact under bf16 autocast); KL to an equal reference is exactly 0. The same
+    for GSPO's sequence-level ratio."""
     tokenizer = tiny_tokenizer()
-    cfg = config(tmp_path, num_iterations=num_iterations, grad_accum=2, precision=precision)
+    cfg = config(tmp_path, num_iterations=num_iterations, grad_accum=2, precision=precision,
+                 importance_sampling_level=level)
     policy = tiny_lm(tokenizer)
     recipe = GRPORecipe(policy, tokenizer, PROMPTS, cfg, reward_fn=count_a, reference=tiny_lm(tokenizer))
     with mixed_precision(precision, policy):

@@ -21,6 +21,7 @@ from rlhflab.core.policy_loss import (
     aggregate,
     ppo_clip_loss,
     ppo_clip_token_losses,
+    sequence_level_logps,
     value_loss,
 )
 
@@ -230,6 +231,32 @@ def test_ppo_clip_loss_takes_one_advantage_per_sequence():
     a, _ = ppo_clip_loss(logp, old_logp, per_seq, MASK)
     b, _ = ppo_clip_loss(logp, old_logp, per_seq.expand(1, 5), MASK)
     assert a.item() == b.item()
+
+
+def test_gspo_sequence_ratio_matches_a_loop():
+    """GSPO: every token of sequence i is clipped with s_i = exp(mean over its tokens of log π − log π_old);
+    the loss and its gradient equal a per-sequence loop written from the paper's formula."""
+    gen = torch.Generator().manual_seed(0)
+    logp = (torch.randn(3, 6, generator=gen, dtype=torch.float64) * 0.3 - 2).requires_grad_()
+    old_logp = logp.detach() + torch.randn(3, 6, generator=gen, dtype=torch.float64) * 0.2
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]])
+    advantages = torch.tensor([[1.5], [-0.7], [0.4]], dtype=torch.float64).expand(3, 6)
+    ratio_logps = sequence_level_logps(logp, old_logp, mask)
+    got = aggregate(ppo_clip_token_losses(ratio_logps, old_logp, advantages, 0.1, 0.15), mask, "seq_mean_token_mean")
+    got.backward()
+    grad = logp.grad.clone()
+    logp.grad = None
+    per_sequence = []
+    for i in range(3):
+        n = int(mask[i].sum())
+        s = torch.exp((logp[i, :n] - old_logp[i, :n]).mean())
+        a = advantages[i, 0]
+        per_sequence.append(torch.maximum(-a * s, -a * torch.clamp(s, 1 - 0.1, 1 + 0.15)))  # same on every token
+    expected = torch.stack(per_sequence).mean()
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grad, logp.grad)
+    assert (sequence_level_logps(old_logp, old_logp, mask) == old_logp).all()  # ratio exactly 1 at π = π_old
 
 
 def test_value_loss_hand_computed():

@@ -8,7 +8,8 @@ One step = one rollout batch:
       ─► reference log-probs (if beta > 0), old log-probs (if num_iterations > 1): packed forwards,
          each prompt computed once per group  [P | c1 | ... | ck]
       ─► num_iterations optimizer updates over the whole batch (grad_accum micro-batches each):
-             ρ_t = exp(log π(y_t) − log π_old(y_t))
+             ρ_t = exp(log π(y_t) − log π_old(y_t))     (GSPO, importance_sampling_level sequence:
+                                                          ρ = exp(mean_t of that) for every token of y)
              ℓ_t = max(−A ρ_t, −A clip(ρ_t, 1 − ε, 1 + ε_high)) + β k3(π, π_ref)_t
              loss = aggregate(ℓ, mask, loss_agg)     (seq_mean_token_mean | token_mean | seq_mean_token_sum_norm)
          mask: the completion tokens, less cut-off completions (mask_truncated_completions) and groups whose
@@ -44,7 +45,7 @@ from rlhflab.algorithms.rollout import (
 )
 from rlhflab.core.advantages import group_advantages, group_reward_std, rloo_advantages
 from rlhflab.core.kl import kl_k3
-from rlhflab.core.policy_loss import aggregate, ppo_clip_loss, ppo_clip_token_losses
+from rlhflab.core.policy_loss import aggregate, ppo_clip_loss, ppo_clip_token_losses, sequence_level_logps
 from rlhflab.diagnostics.rl import grpo_monitors
 from rlhflab.rewards import RewardFn, as_reward_fns, check_reward_weights
 from rlhflab.training import distributed
@@ -62,6 +63,7 @@ class GRPOConfig(RolloutConfig):
     advantage_estimator: str = "grpo"  # grpo (above) | rloo: r_i minus the mean of the other k−1 (Ahmadian et al. 2024)
     num_iterations: int = 1  # optimizer updates per rollout batch (μ in the paper); > 1 computes old log-probs
     mask_truncated_completions: bool = False  # DAPO: completions that never emitted EOS are left out of the loss
+    importance_sampling_level: str = "token"  # token | sequence (GSPO: one ratio per completion, its tokens' geometric mean)
     drop_zero_std_groups: bool = False  # groups whose rewards all tie (advantage 0) are left out of the loss and its normalisation
 
 
@@ -140,20 +142,23 @@ class GRPORecipe:
         mask = mask & mb["in_loss"][:, None].to(mask.device)
         old_logps = logps.detach() if mb["old_logps"] is None else mb["old_logps"]
         advantages = mb["advantages"][:, None].expand_as(logps)  # one advantage per completion
-        token_losses = ppo_clip_token_losses(logps, old_logps, advantages, cfg.clip_eps, cfg.clip_eps_high)
+        ratio_logps = logps  # whose ratio to old_logps is clipped: each token's, or (GSPO) its sequence's
+        if cfg.importance_sampling_level == "sequence":
+            ratio_logps = sequence_level_logps(logps, old_logps, mask)
+        token_losses = ppo_clip_token_losses(ratio_logps, old_logps, advantages, cfg.clip_eps, cfg.clip_eps_high)
         metrics = {}
         if cfg.beta > 0:
             kl = kl_k3(logps, mb["ref_logps"])  # DeepSeekMath eq. 4
             token_losses = token_losses + cfg.beta * kl
             metrics["kl"] = _masked_mean(kl.detach(), mask)
         numerator, _ = aggregate(token_losses, mask, cfg.loss_agg, self.settings.max_new_tokens, return_parts=True)
-        _, stats = ppo_clip_loss(logps.detach(), old_logps, advantages, mask, cfg.clip_eps, cfg.clip_eps_high)
+        _, stats = ppo_clip_loss(ratio_logps.detach(), old_logps, advantages, mask, cfg.clip_eps, cfg.clip_eps_high)
         metrics.update({
             "entropy": _masked_mean(entropy.detach(), mask),
             "clip_ratio/low": stats["clip_ratio/low"].item(),
             "clip_ratio/high": stats["clip_ratio/high"].item(),
             "clip_ratio/region": stats["clip_frac"].item(),
-            "ratio": _masked_mean(torch.exp(logps.detach() - old_logps), mask),
+            "ratio": _masked_mean(torch.exp(ratio_logps.detach() - old_logps), mask),
         })  # fmt: skip
         return numerator, metrics
 

@@ -110,6 +110,20 @@ def ppo_clip_token_losses(
     return torch.maximum(unclipped, clipped)
 
 
+def sequence_level_logps(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's sequence importance ratio (Zheng et al. 2025, "Group Sequence Policy Optimization", eq. 7),
+    expressed as log-probs for `ppo_clip_token_losses`:
+
+        s_i = exp( mean_{t in y_i} (logp_t - old_logp_t) )        one ratio per sequence
+        returned: old_logp + log s_i on every token, so exp(returned - old_logp) = s_i
+
+    The gradient reaches every token's logp through the mean. Shapes: [B, T] -> [B, T].
+    """
+    m = mask.to(logp.dtype)
+    mean_log_ratio = ((logp - old_logp) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+    return old_logp + mean_log_ratio
+
+
 def ppo_clip_loss(
     logp: Tensor,
     old_logp: Tensor,

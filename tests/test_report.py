@@ -108,6 +108,22 @@ def test_report_of_a_training_only_run(tmp_path):
     assert "No evaluation results" in text and "Training curves" in text
 
 
+def test_report_shows_what_an_rl_policy_wrote_first_and_last(tmp_path):
+    """A GRPO run's completions.jsonl: the report shows the first and the last logged step's first completions
+    (a torn last line, as a killed run leaves, is skipped)."""
+    write_metrics(tmp_path, "grpo")
+    lines = [{"step": step, "prompt": f"p{step}", "completion": f"c{step}-{i}", "reward": step + i / 10}
+             for step in (0, 5, 9) for i in range(6)]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"step": 10, "prom'
+    (tmp_path / "completions.jsonl").write_text(text)
+    report = (write_report(tmp_path).parent / "report.md").read_text()
+    assert "What the policy wrote while training" in report
+    for shown in ("c0-0", "c0-3", "c9-0", "c9-3", "9.300"):
+        assert shown in report
+    for hidden in ("c0-4", "c5-0", "c9-5"):  # 4 a step, first and last step only
+        assert hidden not in report
+
+
 def test_report_rejects_a_folder_without_results(tmp_path):
     from rlhflab.errors import InputError
 

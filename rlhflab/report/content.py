@@ -18,6 +18,7 @@ COLUMNS = {  # metric → column title, in table order
     "distinct_2": "distinct-2", "malformed": "malformed",
 }  # fmt: skip
 EXAMPLE_PROMPTS = 4  # prompts shown side by side with each arm's completions
+TRAINING_EXAMPLES = 4  # completions shown from the first and the last logged step of a PPO/GRPO run
 
 
 @dataclass
@@ -128,6 +129,40 @@ def examples_section(study: dict[str, Any], temperature: str) -> Section:
     return Section(f"Sampled completions (T={temperature})", [Table(["prompt", *arms], rows)] if rows else [])
 
 
+def training_completions_section(study: dict[str, Any], root: Path) -> Section | None:
+    """What each PPO/GRPO arm's policy wrote at its first and its last logged step (completions.jsonl, first
+    seed): reward hacking and collapse show in the text before they show in any number."""
+    section = Section("What the policy wrote while training")
+    for arm in study["arms"]:
+        run = arm["runs"][0]
+        rows = _read_jsonl(root / run["dir"] / "completions.jsonl")
+        if not rows:
+            continue
+        steps = sorted({row["step"] for row in rows})
+        shown = [row for step in dict.fromkeys((steps[0], steps[-1]))
+                 for row in [r for r in rows if r["step"] == step][:TRAINING_EXAMPLES]]  # fmt: skip
+        table = Table(["step", "prompt", "completion", "reward"],
+                      [[str(r["step"]), str(r["prompt"]), repr(r["completion"])[1:-1], f"{r['reward']:.3f}"]
+                       for r in shown])  # fmt: skip
+        section.blocks += [f"**{arm['name']}** (seed {run['seed']})", table]
+    return section if section.blocks else None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file; a torn or foreign line is skipped, a missing file is empty."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and {"step", "prompt", "completion", "reward"} <= row.keys():
+            rows.append(row)
+    return rows
+
+
 def timing_paragraph(study: dict[str, Any]) -> str | None:
     runs = study.get("runs", {})
     if "wall_seconds" not in study:
@@ -169,6 +204,8 @@ def build_sections(study: dict[str, Any], root: Path, figures: dict[str, Path]) 
     sections.append(findings_section(study, root))
     if temperatures:
         sections.append(examples_section(study, temperatures[0]))
+    if (training := training_completions_section(study, root)) is not None:
+        sections.append(training)
     return sections
 
 

@@ -59,9 +59,11 @@ class TaskArtefacts:
         if self.size == "tiny":
             return SFTConfig(max_steps=20, num_examples=1000, seed=self.seed)
         if self.task == "arithmetic":
-            # sized to leave the SFT model partly right (eval prompts at T 0.3: 73% seed 0, 48% seed 1), room for
-            # RL; 200 steps gave 45% / 9%, 600 steps 92%: a steep curve, so the step count is the knob
-            return SFTConfig(max_steps=300, batch_size=64, lr=2e-3, adam_beta2=0.98, weight_decay=0.01, seed=self.seed)
+            # sized to leave the SFT model partly right, with room for RL. The curve is steep and 300 steps sat on
+            # it: eval prompts at T 0.3 gave 73% / 48% (seeds 0 / 1), then 18% for seed 0 once the optimizer's
+            # rounding changed (fused AdamW). 450 steps: 56% / 70% / 53% (seeds 0 / 1 / 2); greedy on 500
+            # held-out prompts 76% / 86% / 59% (docs/notes_tasks.md)
+            return SFTConfig(max_steps=450, batch_size=64, lr=2e-3, adam_beta2=0.98, weight_decay=0.01, seed=self.seed)
         return SFTConfig(seed=self.seed)
 
     def rm_config(self) -> RewardModelConfig:

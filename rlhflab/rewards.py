@@ -122,7 +122,7 @@ def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[Any],
         params = {}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if takes_all or "completions" in params:  # TRL's convention: everything by name
-        named = {"prompts": prompts, "completions": completions, **extra, **columns}
+        named = {**columns, **extra, "prompts": prompts, "completions": completions}  # a field never hides these
         missing = [name for name, p in params.items() if name not in named and p.default is p.empty
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         if missing:

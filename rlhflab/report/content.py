@@ -12,6 +12,7 @@ from typing import Any
 
 from rlhflab.diagnostics.findings import read_findings
 from rlhflab.study.stats import rank_label
+from rlhflab.training.metrics import json_lines
 
 COLUMNS = {  # metric → column title, in table order
     "gold": "gold reward", "rm_score": "RM score", "kl": "KL to ref", "length": "length",
@@ -135,7 +136,8 @@ def training_completions_section(study: dict[str, Any], root: Path) -> Section |
     section = Section("What the policy wrote while training")
     for arm in study["arms"]:
         run = arm["runs"][0]
-        rows = _read_jsonl(root / run["dir"] / "completions.jsonl")
+        rows = [row for _, row in json_lines(root / run["dir"] / "completions.jsonl")
+                if {"step", "prompt", "completion", "reward"} <= row.keys()]
         if not rows:
             continue
         steps = sorted({row["step"] for row in rows})
@@ -146,21 +148,6 @@ def training_completions_section(study: dict[str, Any], root: Path) -> Section |
                        for r in shown])  # fmt: skip
         section.blocks += [f"**{arm['name']}** (seed {run['seed']})", table]
     return section if section.blocks else None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file; a torn or foreign line is skipped, a missing file is empty."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and {"step", "prompt", "completion", "reward"} <= row.keys():
-            rows.append(row)
-    return rows
 
 
 def timing_paragraph(study: dict[str, Any]) -> str | None:

@@ -68,6 +68,22 @@ class MetricsWriter:
             self._tb.close()
 
 
+def json_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, object) for each line of a JSONL file that holds a JSON object; a line a kill tore mid-write
+    (or anything else unparsable) is skipped, and a missing file has none."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append((line, row))
+    return rows
+
+
 def truncate_jsonl(path: Path, keep_until_step: int) -> None:
     """On resume, keep only the lines of steps before `keep_until_step` (they will be re-derived).
 
@@ -76,14 +92,8 @@ def truncate_jsonl(path: Path, keep_until_step: int) -> None:
     """
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < keep_until_step:
-            kept.append(line)
+    kept = [line for line, row in json_lines(path)
+            if isinstance(row.get("step"), int) and row["step"] < keep_until_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)

@@ -70,6 +70,7 @@ def test_one_process_is_untouched(monkeypatch):
     with distributed.data_parallel():
         assert distributed.world_size() == 1 and distributed.is_main()
         assert distributed.share(items) is items
+        assert distributed.share_indices(5) == [0, 1, 2, 3, 4]
         assert distributed.all_reduce([1.5, 2.0]) == [1.5, 2.0]
         assert distributed.default_threads(16) == 16
 
@@ -87,6 +88,7 @@ def test_each_process_takes_its_block_of_the_step(world):
     step = split_micro_batches(list(range(8)), grad_accum=2)
     assert step == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert distributed.share(step) == [[4, 5], [6, 7]]
+    assert distributed.share_indices(len(step)) == [2, 3]  # the same block, as indices
     with pytest.raises(ValueError, match="3 micro-batches"):
         distributed.share([[0], [1], [2]])
     assert distributed.default_threads(16) == 8

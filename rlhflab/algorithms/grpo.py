@@ -108,7 +108,7 @@ class GRPORecipe:
         if cfg.drop_zero_std_groups:  # DAPO's filter without the resampling: tied groups only dilute the mean
             in_loss &= (group_reward_std(rewards, k) > 1e-6).repeat_interleave(k)
         groups_of = split_micro_batches(list(range(len(prompts))), cfg.grad_accum)  # prompts of each micro-batch
-        trained = distributed.share(list(range(len(groups_of))))  # the ones this process trains on (all, alone)
+        trained = distributed.share_indices(len(groups_of))  # the ones this process trains on (all, alone)
         micro_batches = [self._micro_batch(rollout, groups, advantages, in_loss, with_forwards=i in trained)
                          for i, groups in enumerate(groups_of)]
         metrics = {**self._rollout_metrics(rollout, rewards), **reward_metrics(parts)}

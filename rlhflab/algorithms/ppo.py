@@ -135,7 +135,7 @@ class PPORecipe:
         minibatches = []
         for mb_groups in chunks(order, cfg.num_minibatches):
             groups_of = split_micro_batches(mb_groups, cfg.grad_accum)  # prompts of each micro-batch
-            trained = distributed.share(list(range(len(groups_of))))  # the ones this process trains on (all, alone)
+            trained = distributed.share_indices(len(groups_of))  # the ones this process trains on (all, alone)
             minibatches.append([self._micro_batch(rollout, groups, with_forwards=i in trained)
                                 for i, groups in enumerate(groups_of)])
         metrics = self._advantages(minibatches, scores, rollout.lengths().long())

@@ -128,7 +128,7 @@ def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt
     samples its block of the prompts and receives the other blocks, so every process holds the
     whole rollout: the one a single process samples, up to float rounding of the logits.
     """
-    mine = distributed.share(list(range(len(prompts))))
+    mine = distributed.share_indices(len(prompts))
     samples = sample(
         policy, [prompt_ids[i] for i in mine], num_samples=group_size, max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
@@ -150,7 +150,7 @@ def score(rollout: Rollout, reward_fns: list[RewardFn] | None, reward_model: tor
     scores the rows of the prompts it sampled and receives the others'.
     """
     assert (not reward_fns) != (reward_model is None), "give reward functions or a reward model"
-    rows = rows_of(distributed.share(list(range(len(rollout.prompts)))), rollout.group_size).tolist()
+    rows = rows_of(distributed.share_indices(len(rollout.prompts)), rollout.group_size).tolist()
     if reward_model is not None:
         row_ids = [rollout.prompt_ids[i // rollout.group_size] for i in rows]
         mine = reward_model_scores(reward_model, row_ids, [rollout.completions[i] for i in rows], pad_token_id)

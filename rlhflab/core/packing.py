@@ -129,6 +129,11 @@ def _first_fit_rows(lengths: list[int], max_row_tokens: int) -> list[list[int]]:
     return rows
 
 
+def _round_up(tokens: int, multiple: int) -> int:
+    """A row of `tokens` tokens padded to a multiple of `multiple` (see ROW_MULTIPLE)."""
+    return -(-tokens // multiple) * multiple
+
+
 def _spread_rows(lengths: list[int], num_rows: int) -> list[list[int]]:
     """Longest group first into the currently shortest of `num_rows` rows (LPT)."""
     rows: list[list[int]] = [[] for _ in range(num_rows)]
@@ -146,9 +151,9 @@ def _balanced_rows(lengths: list[int], max_row_tokens: int, row_multiple: int) -
     Every row is padded to the longest, so first fit can waste a lot: of groups of 290, 288, 286,
     284, 282, 280, 250 and 240 tokens in rows of 512 (GRPO groups of similar length), first fit
     pairs only the last two, and that pair pads all seven rows to 496 (3,472 slots), where one
-    group a row takes 8 × 304 = 2,432. So: first fit gives the fewest rows; then, for that many rows and every larger count, groups are spread longest first
-    into the shortest row, and the layout with the fewest slots wins (ties: the shorter rows,
-    cheaper in attention). Rows keep their groups in input order and are ordered by their first
+    group a row takes 8 × 304 = 2,432. So: first fit gives the fewest rows; then, for that many
+    rows and every larger count, groups are spread longest first into the shortest row, and the
+    layout with the fewest slots wins (ties: the shorter rows, cheaper in attention). Rows keep their groups in input order and are ordered by their first
     group (sequence numbering never depends on rows).
     """
     rows = _first_fit_rows(lengths, max_row_tokens)
@@ -157,7 +162,7 @@ def _balanced_rows(lengths: list[int], max_row_tokens: int, row_multiple: int) -
         return rows
 
     def cost(layout: list[list[int]]) -> tuple[int, int]:
-        width = -(-max(sum(lengths[g] for g in row) for row in layout) // row_multiple) * row_multiple
+        width = _round_up(max(sum(lengths[g] for g in row) for row in layout), row_multiple)
         return len(layout) * width, width
 
     best, best_cost = rows, cost(rows)
@@ -203,8 +208,7 @@ def pack_groups(
     laid_out = [len(p) + sum(max(len(c) - cut, 0) for c in cs) for p, cs in groups]
     rows = _balanced_rows(laid_out, max_row_tokens, row_multiple)
     num_rows = len(rows)
-    row_len = max(sum(laid_out[g] for g in row) for row in rows)
-    row_len = -(-row_len // row_multiple) * row_multiple
+    row_len = _round_up(max(sum(laid_out[g] for g in row) for row in rows), row_multiple)
 
     input_ids = torch.full((num_rows, row_len), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((num_rows, row_len), dtype=torch.long)

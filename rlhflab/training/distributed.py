@@ -98,6 +98,11 @@ def share(items: list[T]) -> list[T]:
     return items[rank() * size : (rank() + 1) * size]
 
 
+def share_indices(count: int) -> list[int]:
+    """The indices 0 .. count-1 of this process's block: which of `count` items `share` gives it."""
+    return share(list(range(count)))
+
+
 @contextmanager
 def process_group(agreed: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """The process group, for one training run.

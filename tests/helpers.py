@@ -1,0 +1,199 @@
+"""Shared builders of the tests: a tiny tokenizer and tiny models, prompt and pair sets, reward functions, and one
+golden run per trainer (tests/test_golden.py checks them against tests/golden/*.json).
+
+Each `golden_*` function is the ONE place that calls its algorithm's run function for the golden trajectories: when
+a run function's signature or return value changes, adapt it here and the recorded numbers must still hold.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from rlhflab.data.collate import TokenizedExample, tokenize_preference, tokenize_prompt_completion
+from rlhflab.data.loading import from_records
+from rlhflab.models.tokenizer import train_tokenizer
+from rlhflab.training.metrics import read_metrics
+
+PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
+LETTERS = "abcdefgh"
+
+
+# --- tokenizer and models --------------------------------------------------------------------------------------------
+
+@cache
+def tiny_tokenizer():
+    """A 40-token BPE over the letters a-h and "." (trained once per process; training is deterministic).
+    Shared: callers must not modify it."""
+    return train_tokenizer(["a b c d e f g h .", "b c a d . e f g", "h g f e d c b a ."] * 10, vocab_size=40)
+
+
+def tiny_lm_config(tokenizer, **overrides) -> LlamaConfig:
+    """2 layers, width 32, tied embeddings, the tokenizer's special ids; `overrides` change any field."""
+    fields = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", tie_word_embeddings=True)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def tiny_lm(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised tiny causal LM (`tiny_lm_config`), seeded."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_lm_config(tokenizer))
+
+
+def tiny_scorer(tokenizer, seed: int = 0) -> LlamaForSequenceClassification:
+    """A randomly initialised tiny scalar-head model (reward or value model), seeded."""
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(tiny_lm_config(tokenizer, num_labels=1))
+
+
+# --- data and rewards ------------------------------------------------------------------------------------------------
+
+def count_a(prompts: list[str], completions: list[str]) -> list[float]:
+    """Reward: share of the completion's words that are "a" (varies across samples of a random model)."""
+    return [c.split().count("a") / max(len(c.split()), 1) for c in completions]
+
+
+def letter_documents(n: int, seed: int = 0) -> list[str]:
+    """`n` documents of 3-8 words drawn from a-h, each ending in "." (a pretraining corpus)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 8))) + " ." for _ in range(n)]
+
+
+def sft_examples(tokenizer, n: int, seed: int = 0) -> list[TokenizedExample]:
+    """Prompt "x y", completion: the prompt's letters repeated (a pattern a tiny model can start to learn)."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 3)))
+        examples.append(tokenize_prompt_completion(tokenizer, prompt, f" {prompt} {prompt} .", 16, 16))
+    return examples
+
+
+def preference_pairs(tokenizer, n: int, seed: int = 0) -> list[tuple[TokenizedExample, TokenizedExample]]:
+    """Pairs whose chosen response has more "a"s than the rejected one (lengths vary within and across pairs)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 3)))
+        other = " ".join(rng.choice(LETTERS[1:]) for _ in range(rng.randint(1, 4)))
+        records.append({"prompt": prompt, "chosen": f" a {other} a .", "rejected": f" {other} ."})
+    return [tokenize_preference(tokenizer, ex, 16, 16) for ex in from_records(records, "preference")]
+
+
+# --- golden runs: one per trainer ------------------------------------------------------------------------------------
+
+@dataclass
+class GoldenRun:
+    """What a golden run produced: its metrics lines, the end-of-run held-out metrics, the trained model."""
+
+    metrics: list[dict[str, Any]]
+    model: torch.nn.Module
+    final: dict[str, float] = field(default_factory=dict)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> dict[str, float]:
+    """Sum, L2 norm and a fixed random projection of all parameters (float64): cheap, and a change to any
+    weight, or two weights swapped, moves the projection."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    signs = torch.randint(0, 2, flat.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    return {"sum": flat.sum().item(), "norm": flat.norm().item(), "projection": (flat * signs).sum().item(),
+            "numel": float(flat.numel())}
+
+
+def _training_lines(out: str | Path, max_steps: int) -> list[dict[str, Any]]:
+    """The metrics lines of training steps (an end-of-run line some trainers append is left out)."""
+    return [m for m in read_metrics(Path(out)) if m["step"] < max_steps]
+
+
+def golden_pretrain(tmp_path: Path) -> GoldenRun:
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.algorithms.pretrain import PretrainConfig, run_pretrain
+
+    cfg = PretrainConfig(out=str(tmp_path / "pretrain"), preset="tiny", vocab_size=48, max_steps=4, batch_size=4,
+                         lr=3e-3, warmup_ratio=0.25, max_completion_tokens=16, threads=1, progress=False, seed=1)
+    path = run_pretrain(cfg, letter_documents(24))
+    return GoldenRun(_training_lines(cfg.out, cfg.max_steps), AutoModelForCausalLM.from_pretrained(path))
+
+
+def golden_sft(tmp_path: Path) -> GoldenRun:
+    from rlhflab.algorithms.sft import SFTConfig, run_sft
+
+    tokenizer = tiny_tokenizer()
+    cfg = SFTConfig(out=str(tmp_path / "sft"), max_steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.25, threads=1,
+                    progress=False, seed=2)
+    model = tiny_lm(tokenizer)
+    run_sft(cfg, model, tokenizer, sft_examples(tokenizer, 24))
+    return GoldenRun(_training_lines(cfg.out, cfg.max_steps), model)
+
+
+def golden_reward_model(tmp_path: Path) -> GoldenRun:
+    from rlhflab.algorithms.reward_model import RewardModelConfig, run_reward_model
+
+    tokenizer = tiny_tokenizer()
+    cfg = RewardModelConfig(out=str(tmp_path / "rm"), max_steps=4, batch_size=4, lr=1e-2, eval_fraction=0.25,
+                            threads=1, progress=False, seed=3)
+    model = tiny_scorer(tokenizer)
+    returned = run_reward_model(cfg, model, tokenizer, preference_pairs(tokenizer, 24))
+    final = returned[1] if isinstance(returned, tuple) else read_metrics(Path(cfg.out))[-1]
+    return GoldenRun(_training_lines(cfg.out, cfg.max_steps), model, _eval_metrics(final))
+
+
+def golden_dpo(tmp_path: Path) -> GoldenRun:
+    from rlhflab.algorithms.dpo import DPOConfig, run_dpo
+
+    tokenizer = tiny_tokenizer()
+    cfg = DPOConfig(out=str(tmp_path / "dpo"), cache_dir=str(tmp_path / "cache"), max_steps=4, batch_size=4,
+                    lr=1e-2, eval_fraction=0.25, eval_every=0, share_reference_cache=False, threads=1,
+                    progress=False, seed=4)
+    model = tiny_lm(tokenizer)
+    reference = copy.deepcopy(model)
+    returned = run_dpo(cfg, model, tokenizer, preference_pairs(tokenizer, 24), lambda: copy.deepcopy(reference))
+    final = returned[1] if isinstance(returned, tuple) else read_metrics(Path(cfg.out))[-1]
+    return GoldenRun(_training_lines(cfg.out, cfg.max_steps), model, _eval_metrics(final))
+
+
+def golden_ppo(tmp_path: Path) -> GoldenRun:
+    """PPO scored by a (random) reward model: also guards the reward-model scoring of rollouts."""
+    from rlhflab.algorithms.ppo import PPOConfig, run_ppo
+
+    tokenizer = tiny_tokenizer()
+    cfg = PPOConfig(out=str(tmp_path / "ppo"), max_steps=4, batch_size=4, group_size=1, max_new_tokens=6, lr=1e-3,
+                    ppo_epochs=2, num_minibatches=2, threads=1, progress=False, seed=5)
+    policy = tiny_lm(tokenizer, seed=0)
+    reference = copy.deepcopy(policy)
+    value, reward_model = tiny_scorer(tokenizer, seed=1), tiny_scorer(tokenizer, seed=2)
+    run_ppo(cfg, policy, value, reference, tokenizer, PROMPTS, reward_model=reward_model)
+    return GoldenRun(_training_lines(cfg.out, cfg.max_steps), policy)
+
+
+def golden_grpo(tmp_path: Path) -> GoldenRun:
+    """GRPO scored by a reward function, with a KL term to a reference (beta 0.04) and two updates per rollout
+    (lr and seed chosen so that no step's rewards all tie: every step trains)."""
+    from rlhflab.algorithms.grpo import GRPOConfig, run_grpo
+
+    tokenizer = tiny_tokenizer()
+    cfg = GRPOConfig(out=str(tmp_path / "grpo"), max_steps=4, batch_size=3, group_size=4, max_new_tokens=6, lr=3e-3,
+                     num_iterations=2, threads=1, progress=False, seed=6)
+    policy = tiny_lm(tokenizer)
+    reference = copy.deepcopy(policy)
+    run_grpo(cfg, policy, tokenizer, PROMPTS, reward_fn=count_a, reference=reference)
+    return GoldenRun(_training_lines(cfg.out, cfg.max_steps), policy)
+
+
+def _eval_metrics(results: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in results.items() if k.startswith("eval/") and isinstance(v, int | float)}
+
+
+GOLDEN_RUNS = {"pretrain": golden_pretrain, "sft": golden_sft, "rm": golden_reward_model, "dpo": golden_dpo,
+               "ppo": golden_ppo, "grpo": golden_grpo}

@@ -24,19 +24,52 @@ from rlhflab.training.metrics import read_metrics
 
 PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
 LETTERS = "abcdefgh"
+TIMING_KEYS = frozenset({"time", "tokens_per_second"})  # metrics that differ between two runs of the same steps
 
 
-# --- tokenizer and models --------------------------------------------------------------------------------------------
+# --- tokenizers ------------------------------------------------------------------------------------------------------
+# Trained once per process (BPE training is deterministic: same corpus, same tokenizer, in every process). The
+# objects are shared between tests: never modify one.
 
 @cache
 def tiny_tokenizer():
-    """A 40-token BPE over the letters a-h and "." (trained once per process; training is deterministic).
-    Shared: callers must not modify it."""
+    """A 40-token BPE over the letters a-h and "."."""
     return train_tokenizer(["a b c d e f g h .", "b c a d . e f g", "h g f e d c b a ."] * 10, vocab_size=40)
 
 
+@cache
+def task_tokenizer(tasks: tuple[str, ...] = ("reviews",), documents: int = 400, vocab_size: int = 200):
+    """A BPE of `vocab_size` trained on the first `documents` pretraining documents (seed 0) of each task."""
+    from rlhflab.tasks import get_task
+
+    corpus = [doc for task in tasks for doc in get_task(task).pretrain_corpus(documents, seed=0)]
+    return train_tokenizer(corpus, vocab_size=vocab_size)
+
+
+# --- models ----------------------------------------------------------------------------------------------------------
+
+def tiny_causal_lm(architecture: str = "Llama", seed: int = 0, **config) -> torch.nn.Module:
+    """A randomly initialised transformers `{architecture}ForCausalLM` for tests of the core (vocabulary 64, width
+    64, 2 layers, 4 heads of 16, grouped-query attention with 2 key/value heads), in eval mode; `config`
+    overrides any field of its config."""
+    import transformers
+
+    torch.manual_seed(seed)
+    defaults = {"vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256, "head_dim": 16}
+    model_config = getattr(transformers, f"{architecture}Config")(**{**defaults, **config})
+    return getattr(transformers, f"{architecture}ForCausalLM")(model_config).eval()
+
+
+def tiny_llama(attn_implementation: str = "sdpa", seed: int = 0, **config) -> LlamaForCausalLM:
+    """`tiny_causal_lm` as a Llama with 4 key/value heads (no grouping) and the given attention kernel."""
+    return tiny_causal_lm("Llama", seed, **{"num_key_value_heads": 4, "attn_implementation": attn_implementation,
+                                            **config})
+
+
 def tiny_lm_config(tokenizer, **overrides) -> LlamaConfig:
-    """2 layers, width 32, tied embeddings, the tokenizer's special ids; `overrides` change any field."""
+    """For models that go with a tokenizer: 2 layers, width 32, 2 heads, tied embeddings, the tokenizer's
+    vocabulary and special ids; `overrides` change any field."""
     fields = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -44,16 +77,16 @@ def tiny_lm_config(tokenizer, **overrides) -> LlamaConfig:
     return LlamaConfig(**{**fields, **overrides})
 
 
-def tiny_lm(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised tiny causal LM (`tiny_lm_config`), seeded."""
+def tiny_lm(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A randomly initialised tiny causal LM (`tiny_lm_config`), seeded; in training mode, as run functions get it."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_lm_config(tokenizer))
+    return LlamaForCausalLM(tiny_lm_config(tokenizer, **overrides))
 
 
-def tiny_scorer(tokenizer, seed: int = 0) -> LlamaForSequenceClassification:
+def tiny_scorer(tokenizer, seed: int = 0, **overrides) -> LlamaForSequenceClassification:
     """A randomly initialised tiny scalar-head model (reward or value model), seeded."""
     torch.manual_seed(seed)
-    return LlamaForSequenceClassification(tiny_lm_config(tokenizer, num_labels=1))
+    return LlamaForSequenceClassification(tiny_lm_config(tokenizer, num_labels=1, **overrides))
 
 
 # --- data and rewards ------------------------------------------------------------------------------------------------
@@ -88,6 +121,11 @@ def preference_pairs(tokenizer, n: int, seed: int = 0) -> list[tuple[TokenizedEx
         other = " ".join(rng.choice(LETTERS[1:]) for _ in range(rng.randint(1, 4)))
         records.append({"prompt": prompt, "chosen": f" a {other} a .", "rejected": f" {other} ."})
     return [tokenize_preference(tokenizer, ex, 16, 16) for ex in from_records(records, "preference")]
+
+
+def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metrics lines without the keys that measure time: two runs of the same steps must agree on the rest."""
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 # --- golden runs: one per trainer ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import task_tokenizer
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 from typer.testing import CliRunner
@@ -112,12 +113,11 @@ def test_cli_refuses_commands_that_are_not_data_parallel(monkeypatch):
 def inputs(tmp_path_factory) -> dict[str, str]:
     """A tiny Llama with its tokenizer (save_pretrained), the same as a scalar model (its head saved, not drawn
     at load time), 16 SFT examples and 24 preference pairs."""
-    from rlhflab.models.tokenizer import train_tokenizer
     from rlhflab.tasks.reviews import ReviewsTask
 
     root = tmp_path_factory.mktemp("dp-inputs")
     task = ReviewsTask()
-    tokenizer = train_tokenizer(task.pretrain_corpus(400, seed=0), vocab_size=160)
+    tokenizer = task_tokenizer(("reviews",), documents=400, vocab_size=160)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,

@@ -8,34 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import PROMPTS, count_a, tiny_lm, tiny_tokenizer, without_timing
 
 from rlhflab.algorithms.grpo import GRPOConfig, GRPORecipe, run_grpo
 from rlhflab.errors import InputError
-from rlhflab.models.tokenizer import train_tokenizer
 from rlhflab.rewards import call_reward_fn, load_reward_fn
 from rlhflab.training.metrics import read_metrics
 from rlhflab.training.precision import mixed_precision
-
-PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
-
-
-def tiny_tokenizer():
-    return train_tokenizer(["a b c d e f g h .", "b c a d . e f g", "h g f e d c b a ."] * 10, vocab_size=40)
-
-
-def tiny_lm(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", tie_word_embeddings=True)
-    return LlamaForCausalLM(config)
-
-
-def count_a(prompts: list[str], completions: list[str]) -> list[float]:
-    """Reward: share of the completion's words that are "a" (varies across samples of a random model)."""
-    return [c.split().count("a") / max(len(c.split()), 1) for c in completions]
 
 
 def config(tmp_path: Path, **overrides) -> GRPOConfig:
@@ -119,8 +98,7 @@ def test_resume_gives_identical_metrics(tmp_path):
     run_grpo(replace(part_cfg, max_steps=2), tiny_lm(tokenizer), tokenizer, PROMPTS, reward_fn=count_a,
              reference=tiny_lm(tokenizer))
     _, resumed = run(replace(part_cfg, resume="auto"), tokenizer)
-    strip = [{k: v for k, v in m.items() if k != "time"} for m in full]
-    assert [{k: v for k, v in m.items() if k != "time"} for m in resumed] == strip
+    assert without_timing(resumed) == without_timing(full)
     # the example completions too: each step's once, as the uninterrupted run wrote them
     logged = [(tmp_path / run_dir / "run" / "completions.jsonl").read_text() for run_dir in ("full", "part")]
     assert logged[0] == logged[1]

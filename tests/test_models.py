@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import task_tokenizer
 
 from rlhflab.data.collate import TokenizedExample, collate_sequences
 from rlhflab.errors import InputError
@@ -13,17 +14,13 @@ from rlhflab.models.loading import (
     sequence_scores,
     token_scores,
 )
-from rlhflab.models.tokenizer import train_tokenizer
 from rlhflab.tasks import get_task
 
-
-@pytest.fixture(scope="module")
-def corpus():
-    return get_task("reviews").pretrain_corpus(600, seed=0) + get_task("arithmetic").pretrain_corpus(600, seed=0)
+BOTH_TASKS = {"tasks": ("reviews", "arithmetic"), "documents": 600}  # the tokenizers' corpus
 
 
-def test_prompt_plus_completion_ids_are_additive(corpus):
-    tokenizer = train_tokenizer(corpus, vocab_size=512)
+def test_prompt_plus_completion_ids_are_additive():
+    tokenizer = task_tokenizer(**BOTH_TASKS, vocab_size=512)
     assert len(tokenizer) <= 512
     for name in ("reviews", "arithmetic"):
         for ex in get_task(name).sft_examples(200, seed=1):
@@ -35,8 +32,8 @@ def test_prompt_plus_completion_ids_are_additive(corpus):
     assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
 
 
-def test_presets_sizes_and_round_trip(corpus, tmp_path):
-    tokenizer = train_tokenizer(corpus, vocab_size=256)
+def test_presets_sizes_and_round_trip(tmp_path):
+    tokenizer = task_tokenizer(**BOTH_TASKS, vocab_size=256)
     sizes = {name: sum(p.numel() for p in build_model(name, tokenizer).parameters()) for name in PRESETS}
     assert 0.7e6 < sizes["tiny"] < 1.3e6 and 2.5e6 < sizes["small"] < 3.8e6
     model = build_model("tiny", tokenizer)
@@ -56,8 +53,8 @@ def test_pickle_weights_are_refused(tmp_path):
         load_causal_lm(str(tmp_path))
 
 
-def test_sequence_scores_pool_as_the_model_config_says(corpus, tmp_path):
-    tokenizer = train_tokenizer(corpus, vocab_size=256)
+def test_sequence_scores_pool_as_the_model_config_says(tmp_path):
+    tokenizer = task_tokenizer(**BOTH_TASKS, vocab_size=256)
     build_model("tiny", tokenizer).save_pretrained(tmp_path)
     scalar = load_scalar_model(str(tmp_path)).eval()
     torch.nn.init.normal_(scalar.score.weight)  # a trained head (a fresh one is zero: every score 0)

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from helpers import tiny_causal_lm, tiny_llama
 
 from rlhflab.core.packing import check_attention_implementation, pack_groups, packed_forward, to_padded
 
@@ -192,17 +192,6 @@ def test_padding_and_rows():
     assert packed.num_tokens == 3 + 11 + 2
     assert packed.num_computed_tokens == 2 * 11
     assert packed.num_naive_tokens == 3 * 11
-
-
-def tiny_causal_lm(architecture: str):
-    import transformers
-
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{architecture}Config")(
-        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=256, head_dim=16,
-    )  # fmt: skip
-    return getattr(transformers, f"{architecture}ForCausalLM")(config).eval()
 
 
 @pytest.mark.parametrize("architecture", ["Llama", "Mistral", "Qwen2", "Qwen3"])

@@ -7,40 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from helpers import PROMPTS, count_a, tiny_lm_config, tiny_tokenizer, without_timing
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from rlhflab.algorithms.ppo import KLController, PPOConfig, PPORecipe, run_ppo
-from rlhflab.models.tokenizer import train_tokenizer
 from rlhflab.training.metrics import read_metrics
 from rlhflab.training.precision import mixed_precision
-
-PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
-
-
-def tiny_tokenizer():
-    return train_tokenizer(["a b c d e f g h .", "b c a d . e f g", "h g f e d c b a ."] * 10, vocab_size=40)
-
-
-def tiny_config(tokenizer) -> LlamaConfig:
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, num_labels=1,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", tie_word_embeddings=True)
 
 
 def models(tokenizer, seed: int = 0):
     """(policy, value model, reference, reward model); policy and reference start equal."""
     torch.manual_seed(seed)
-    policy = LlamaForCausalLM(tiny_config(tokenizer))
-    reference = LlamaForCausalLM(tiny_config(tokenizer))
+    policy = LlamaForCausalLM(tiny_lm_config(tokenizer, num_labels=1))
+    reference = LlamaForCausalLM(tiny_lm_config(tokenizer, num_labels=1))
     reference.load_state_dict(policy.state_dict())
-    value = LlamaForSequenceClassification(tiny_config(tokenizer))
-    reward = LlamaForSequenceClassification(tiny_config(tokenizer))
+    value = LlamaForSequenceClassification(tiny_lm_config(tokenizer, num_labels=1))
+    reward = LlamaForSequenceClassification(tiny_lm_config(tokenizer, num_labels=1))
     return policy, value, reference, reward
-
-
-def count_a(prompts: list[str], completions: list[str]) -> list[float]:
-    return [c.split().count("a") / max(len(c.split()), 1) for c in completions]
 
 
 def config(tmp_path: Path, **overrides) -> PPOConfig:
@@ -133,9 +116,7 @@ def test_resume_gives_identical_metrics(tmp_path):
     run(replace(part, max_steps=2))
     _, _, resumed = run(replace(part, resume="auto"))
     assert len({m["kl_coef"] for m in full}) > 1  # the controller moved, and its state was resumed
-    assert [{k: v for k, v in m.items() if k != "time"} for m in resumed] == [
-        {k: v for k, v in m.items() if k != "time"} for m in full
-    ]
+    assert without_timing(resumed) == without_timing(full)
 
 
 def test_minibatches_must_split_over_processes(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TIMING_KEYS
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -33,8 +34,7 @@ from rlhflab.training.metrics import read_metrics
 
 MAX_STEPS = 8
 CHECKPOINT_EVERY = 2
-# Wall-clock quantities differ between any two runs; everything else must match bit for bit.
-TIMING_KEYS = {"time", "tokens_per_second"}
+# TIMING_KEYS (wall-clock quantities) differ between any two runs; everything else must match bit for bit.
 
 
 def _commands(i: dict[str, str]) -> dict[str, list[str]]:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from helpers import tiny_llama
 from transformers import LlamaForSequenceClassification
 
 from rlhflab.algorithms.reward_model import pack_pairs, pair_scores

@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from helpers import tiny_causal_lm, tiny_llama
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
-    Qwen2Config,
     Qwen2ForCausalLM,
 )
 
@@ -308,17 +306,7 @@ def run_sample(model, *, generic: bool, monkeypatch, **kwargs):
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_static_cache_path_equals_generic_path(kv_heads, temperature, monkeypatch):
     """The lean Llama decode step computes what the model's own forward computes."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        intermediate_size=128,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(num_key_value_heads=kv_heads)
     assert sampling._has_llama_layout(model, total_len=64)
     fast, generic = (
         run_sample(
@@ -359,10 +347,7 @@ def test_other_architectures_fall_back_to_generic_path():
 
 def tiny_qwen2() -> Qwen2ForCausalLM:
     """Qwen2: the Llama layout plus q/k/v biases (fused with the weights in the lean decode step)."""
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)  # fmt: skip
-    model = Qwen2ForCausalLM(config).eval()
+    model = tiny_causal_lm("Qwen2")
     with torch.no_grad():  # nonzero biases, so that a bias left out would show
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import without_timing
 
 from rlhflab.config import RunConfig, load_config, parse_cli_overrides
 from rlhflab.errors import InputError
@@ -68,10 +69,6 @@ def _cfg(tmp_path: Path, **kw) -> RunConfig:
     return replace(base, **kw)
 
 
-def _without_time(rows):
-    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
-
-
 def test_accumulation_matches_full_batch(tmp_path):
     full = ToyRecipe(_cfg(tmp_path / "a"))
     train(_cfg(tmp_path / "a"), full)
@@ -96,8 +93,8 @@ def test_resume_reproduces_metrics_exactly(tmp_path):
     with open(Path(resumed.out) / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "time": 0, "loss": 123.0}) + "\n")
     train(resumed, ToyRecipe(resumed))
-    a = _without_time(read_metrics(Path(straight.out)))
-    b = _without_time(read_metrics(Path(resumed.out)))
+    a = without_timing(read_metrics(Path(straight.out)))
+    b = without_timing(read_metrics(Path(resumed.out)))
     assert [r["step"] for r in b] == list(range(12))
     assert a == b
 

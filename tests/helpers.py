@@ -1,15 +1,16 @@
 """Shared builders of the tests: a tiny tokenizer and tiny models, prompt and pair sets, reward functions, and one
 golden run per trainer (tests/test_golden.py checks them against tests/golden/*.json).
 
-Each `golden_*` function is the ONE place that calls its algorithm's run function for the golden trajectories: when
-a run function's signature or return value changes, adapt it here and the recorded numbers must still hold.
+Each `golden_*` function is the ONE place that calls its algorithm's run function for the golden trajectories (and
+for tests/test_invariants.py, which varies their configs through `overrides`): when a run function's signature or
+return value changes, adapt it here, and the recorded numbers must still hold.
 """
 
 from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -153,47 +154,51 @@ def _training_lines(out: str | Path, max_steps: int) -> list[dict[str, Any]]:
     return [m for m in read_metrics(Path(out)) if m["step"] < max_steps]
 
 
-def golden_pretrain(tmp_path: Path) -> GoldenRun:
+def golden_pretrain(tmp_path: Path, **overrides: Any) -> GoldenRun:
     from transformers import AutoModelForCausalLM
 
     from rlhflab.algorithms.pretrain import PretrainConfig, run_pretrain
 
     cfg = PretrainConfig(out=str(tmp_path / "pretrain"), preset="tiny", vocab_size=48, max_steps=4, batch_size=4,
                          lr=3e-3, warmup_ratio=0.25, max_completion_tokens=16, threads=1, progress=False, seed=1)
+    cfg = replace(cfg, **overrides)
     path = run_pretrain(cfg, letter_documents(24))
     return GoldenRun(_training_lines(cfg.out, cfg.max_steps), AutoModelForCausalLM.from_pretrained(path))
 
 
-def golden_sft(tmp_path: Path) -> GoldenRun:
+def golden_sft(tmp_path: Path, **overrides: Any) -> GoldenRun:
     from rlhflab.algorithms.sft import SFTConfig, run_sft
 
     tokenizer = tiny_tokenizer()
     cfg = SFTConfig(out=str(tmp_path / "sft"), max_steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.25, threads=1,
                     progress=False, seed=2)
+    cfg = replace(cfg, **overrides)
     model = tiny_lm(tokenizer)
     run_sft(cfg, model, tokenizer, sft_examples(tokenizer, 24))
     return GoldenRun(_training_lines(cfg.out, cfg.max_steps), model)
 
 
-def golden_reward_model(tmp_path: Path) -> GoldenRun:
+def golden_reward_model(tmp_path: Path, **overrides: Any) -> GoldenRun:
     from rlhflab.algorithms.reward_model import RewardModelConfig, run_reward_model
 
     tokenizer = tiny_tokenizer()
     cfg = RewardModelConfig(out=str(tmp_path / "rm"), max_steps=4, batch_size=4, lr=1e-2, eval_fraction=0.25,
                             threads=1, progress=False, seed=3)
+    cfg = replace(cfg, **overrides)
     model = tiny_scorer(tokenizer)
     returned = run_reward_model(cfg, model, tokenizer, preference_pairs(tokenizer, 24))
     final = returned[1] if isinstance(returned, tuple) else read_metrics(Path(cfg.out))[-1]
     return GoldenRun(_training_lines(cfg.out, cfg.max_steps), model, _eval_metrics(final))
 
 
-def golden_dpo(tmp_path: Path) -> GoldenRun:
+def golden_dpo(tmp_path: Path, **overrides: Any) -> GoldenRun:
     from rlhflab.algorithms.dpo import DPOConfig, run_dpo
 
     tokenizer = tiny_tokenizer()
     cfg = DPOConfig(out=str(tmp_path / "dpo"), cache_dir=str(tmp_path / "cache"), max_steps=4, batch_size=4,
                     lr=1e-2, eval_fraction=0.25, eval_every=0, share_reference_cache=False, threads=1,
                     progress=False, seed=4)
+    cfg = replace(cfg, **overrides)
     model = tiny_lm(tokenizer)
     reference = copy.deepcopy(model)
     returned = run_dpo(cfg, model, tokenizer, preference_pairs(tokenizer, 24), lambda: copy.deepcopy(reference))
@@ -201,13 +206,14 @@ def golden_dpo(tmp_path: Path) -> GoldenRun:
     return GoldenRun(_training_lines(cfg.out, cfg.max_steps), model, _eval_metrics(final))
 
 
-def golden_ppo(tmp_path: Path) -> GoldenRun:
+def golden_ppo(tmp_path: Path, **overrides: Any) -> GoldenRun:
     """PPO scored by a (random) reward model: also guards the reward-model scoring of rollouts."""
     from rlhflab.algorithms.ppo import PPOConfig, run_ppo
 
     tokenizer = tiny_tokenizer()
     cfg = PPOConfig(out=str(tmp_path / "ppo"), max_steps=4, batch_size=4, group_size=1, max_new_tokens=6, lr=1e-3,
                     ppo_epochs=2, num_minibatches=2, threads=1, progress=False, seed=5)
+    cfg = replace(cfg, **overrides)
     policy = tiny_lm(tokenizer, seed=0)
     reference = copy.deepcopy(policy)
     value, reward_model = tiny_scorer(tokenizer, seed=1), tiny_scorer(tokenizer, seed=2)
@@ -215,7 +221,7 @@ def golden_ppo(tmp_path: Path) -> GoldenRun:
     return GoldenRun(_training_lines(cfg.out, cfg.max_steps), policy)
 
 
-def golden_grpo(tmp_path: Path) -> GoldenRun:
+def golden_grpo(tmp_path: Path, **overrides: Any) -> GoldenRun:
     """GRPO scored by a reward function, with a KL term to a reference (beta 0.04) and two updates per rollout
     (lr and seed chosen so that no step's rewards all tie: every step trains)."""
     from rlhflab.algorithms.grpo import GRPOConfig, run_grpo
@@ -223,6 +229,7 @@ def golden_grpo(tmp_path: Path) -> GoldenRun:
     tokenizer = tiny_tokenizer()
     cfg = GRPOConfig(out=str(tmp_path / "grpo"), max_steps=4, batch_size=3, group_size=4, max_new_tokens=6, lr=3e-3,
                      num_iterations=2, threads=1, progress=False, seed=6)
+    cfg = replace(cfg, **overrides)
     policy = tiny_lm(tokenizer)
     reference = copy.deepcopy(policy)
     run_grpo(cfg, policy, tokenizer, PROMPTS, reward_fn=count_a, reference=reference)

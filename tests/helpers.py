@@ -187,8 +187,7 @@ def golden_reward_model(tmp_path: Path, **overrides: Any) -> GoldenRun:
     cfg = replace(cfg, **overrides)
     model = tiny_scorer(tokenizer)
     returned = run_reward_model(cfg, model, tokenizer, preference_pairs(tokenizer, 24))
-    final = returned[1] if isinstance(returned, tuple) else read_metrics(Path(cfg.out))[-1]
-    return GoldenRun(_training_lines(cfg.out, cfg.max_steps), model, _eval_metrics(final))
+    return GoldenRun(_training_lines(cfg.out, cfg.max_steps), model, _heldout_metrics(returned, cfg.out))
 
 
 def golden_dpo(tmp_path: Path, **overrides: Any) -> GoldenRun:
@@ -202,8 +201,7 @@ def golden_dpo(tmp_path: Path, **overrides: Any) -> GoldenRun:
     model = tiny_lm(tokenizer)
     reference = copy.deepcopy(model)
     returned = run_dpo(cfg, model, tokenizer, preference_pairs(tokenizer, 24), lambda: copy.deepcopy(reference))
-    final = returned[1] if isinstance(returned, tuple) else read_metrics(Path(cfg.out))[-1]
-    return GoldenRun(_training_lines(cfg.out, cfg.max_steps), model, _eval_metrics(final))
+    return GoldenRun(_training_lines(cfg.out, cfg.max_steps), model, _heldout_metrics(returned, cfg.out))
 
 
 def golden_ppo(tmp_path: Path, **overrides: Any) -> GoldenRun:
@@ -236,7 +234,10 @@ def golden_grpo(tmp_path: Path, **overrides: Any) -> GoldenRun:
     return GoldenRun(_training_lines(cfg.out, cfg.max_steps), policy)
 
 
-def _eval_metrics(results: dict[str, Any]) -> dict[str, float]:
+def _heldout_metrics(returned: Any, out: str) -> dict[str, float]:
+    """The end-of-run eval/* metrics: returned beside the model folder (RM and DPO at 2dfa8b2), or else on the
+    last metrics line (where the loop's final evaluate() puts them)."""
+    results = returned[1] if isinstance(returned, tuple) else read_metrics(Path(out))[-1]
     return {k: float(v) for k, v in results.items() if k.startswith("eval/") and isinstance(v, int | float)}
 
 

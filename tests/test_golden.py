@@ -42,8 +42,7 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 RECORD = os.environ.get("RLHFLAB_RECORD_GOLDEN") == "1"
 TOLERANCE = {"rel": 1e-4, "abs": 1e-6}  # pytest.approx: |got − recorded| ≤ max(rel·|recorded|, abs)
 
-# The metrics each trajectory records per step. PPO's names are those of commit 2dfa8b2 (objective/kl, ...): a
-# rename maps them here, the values must not change.
+# The metrics each trajectory records per step, under their names at the recording commit (2dfa8b2).
 KEYS = {
     "pretrain": ["loss", "grad_norm", "mean_token_accuracy", "lr"],
     "sft": ["loss", "grad_norm", "mean_token_accuracy", "lr"],
@@ -57,10 +56,16 @@ KEYS = {
 }
 
 
+# A metric renamed since the recording: {(trainer, recorded name): name now}. The values must not change, so the
+# files keep the names they were recorded under (e.g. PPO's objective/kl -> kl, objective/scores -> reward).
+RENAMED: dict[tuple[str, str], str] = {}
+
+
 def _trajectory(name: str, tmp_path: Path) -> dict:
     run = GOLDEN_RUNS[name](tmp_path)
+    now = {key: RENAMED.get((name, key), key) for key in KEYS[name]}
     return {
-        "steps": [{"step": m["step"], **{k: m[k] for k in KEYS[name]}} for m in run.metrics],
+        "steps": [{"step": m["step"], **{k: m[now[k]] for k in KEYS[name] if now[k] in m}} for m in run.metrics],
         "final": run.final,
         "weights": weights_fingerprint(run.model),
     }

@@ -15,6 +15,7 @@ import torch
 
 from rlhflab.config import RunConfig, load_config, parse_cli_overrides
 from rlhflab.errors import InputError
+from rlhflab.training import loop
 from rlhflab.training.checkpoint import (
     STATE_FILE,
     find_resume_checkpoint,
@@ -23,7 +24,6 @@ from rlhflab.training.checkpoint import (
     save_checkpoint,
 )
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
-from rlhflab.training import loop
 from rlhflab.training.loop import StepPlan, TrainingStopped, train
 from rlhflab.training.metrics import WALL_CLOCK_KEYS, read_metrics
 

@@ -30,14 +30,12 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from rich.console import Console
 from transformers import get_scheduler
@@ -45,7 +43,7 @@ from transformers import get_scheduler
 from rlhflab.config import RunConfig
 from rlhflab.diagnostics.findings import Finding, FindingsLog, Monitor, NonFiniteMonitor
 from rlhflab.errors import InputError
-from rlhflab.training import distributed, hooks
+from rlhflab.training import distributed, hooks, random_state
 from rlhflab.training.checkpoint import (
     CheckpointWriteError,
     find_resume_checkpoint,
@@ -198,7 +196,7 @@ def _resume(run: _Run) -> None:
     run.recipe.load_state_dict(state["recipe"])
     for monitor, monitor_state in zip(run.monitors, state["monitors"], strict=True):
         monitor.load_state_dict(monitor_state)
-    _set_rng_state(state["rng"])
+    random_state.restore(state["rng"])
     run.start_step = state["step"]
     run.num_tokens = state.get("num_tokens", 0)  # absent from checkpoints written before the loop counted tokens
     if run.main:
@@ -372,7 +370,7 @@ def _checkpoint(run: _Run, step: int) -> None:
             "scheduler": run.scheduler.state_dict(),
             "recipe": run.recipe.state_dict(),
             "monitors": [m.state_dict() for m in run.monitors],
-            "rng": _rng_state(),
+            "rng": random_state.capture(),
             "num_tokens": run.num_tokens,
         }
         try:
@@ -440,37 +438,7 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": _to_lists(random.getstate()),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-    }
-
-
-def _to_lists(value: Any) -> Any:
-    return [_to_lists(v) for v in value] if isinstance(value, tuple | list) else value
-
-
-def _to_tuples(value: Any) -> Any:
-    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_to_tuples(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-
-
 # ── used by the algorithms around a call of train() ──────────────────────────────────────────────────
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def set_threads(threads: int) -> None:
@@ -497,7 +465,7 @@ def start_run(cfg: RunConfig) -> Path:
     except OSError as exc:
         raise InputError(f"cannot write the run folder: {exc.strerror or exc}", file=str(out), field="out") from None
     set_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    random_state.seed_everything(cfg.seed)
     return out
 
 

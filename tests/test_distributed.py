@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -82,6 +83,19 @@ def test_torchrun_outside_data_parallel_is_one_process(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     assert distributed.launched()
     assert distributed.world_size() == 1 and distributed.is_main()  # e.g. prerequisites built before training
+
+
+def test_the_world_lasts_for_the_data_parallel_block(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with distributed.data_parallel():
+        with distributed.data_parallel():
+            assert (distributed.world_size(), distributed.rank()) == (2, 1)
+        assert (distributed.world_size(), distributed.rank()) == (2, 1)  # the inner block restored the outer world
+    assert (distributed.world_size(), distributed.rank()) == (1, 0)  # nothing outlives the block
+    recipe = SimpleNamespace(loss=lambda micro_batch: (torch.tensor(float(micro_batch)), {}))
+    with distributed.process_group(recipe) as group:  # outside data_parallel: one process, no group, no DDP
+        assert group.size == 1 and group.ddp is None and group.loss(3)[0].item() == 3.0
 
 
 def test_each_process_takes_its_block_of_the_step(world):

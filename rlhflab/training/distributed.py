@@ -23,7 +23,8 @@ wait on the artefact's file lock). Without torchrun every function here is a no-
 Where the state lives. Algorithm code asks `world_size()`, `share(...)`, `all_gather(...)` deep
 inside a recipe, so the world (its size and this process's rank) is not passed down: `data_parallel()`
 puts an immutable `World` in a ContextVar for the duration of its block and restores the one outside
-it on leaving, so nothing outlives the block and a test can enter a world of its own. What belongs to
+it on leaving, so nothing outlives the block and a test can enter a world of its own (a thread started
+inside the block would see one process: nothing in rlhflab starts one). What belongs to
 one training run, the process group and the DDP wrapper, is a `TrainingGroup` that `process_group()`
 makes and the loop holds: no module variable keeps either alive after the run.
 """

@@ -45,6 +45,7 @@ class RunConfig:
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
     log_every: int = 1  # write a metrics line every N steps
+    eval_every: int = 0  # the recipe's held-out evaluate() every N steps (and after the last); 0: only after the last
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps; 0: only at the end
     keep_checkpoints: int = 2  # how many checkpoints to keep
     resume: str | None = None  # a checkpoint folder, or "auto": the newest valid one in `out`

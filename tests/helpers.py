@@ -21,11 +21,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from rlhflab.data.collate import TokenizedExample, tokenize_preference, tokenize_prompt_completion
 from rlhflab.data.loading import from_records
 from rlhflab.models.tokenizer import train_tokenizer
-from rlhflab.training.metrics import read_metrics
+from rlhflab.training.metrics import WALL_CLOCK_KEYS, read_metrics
 
 PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
 LETTERS = "abcdefgh"
-TIMING_KEYS = frozenset({"time", "tokens_per_second"})  # metrics that differ between two runs of the same steps
+TIMING_KEYS = frozenset(WALL_CLOCK_KEYS)  # metrics that differ between two runs of the same steps
 
 
 # --- tokenizers ------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,15 +42,17 @@ UNCOMPARABLE = {"time", "tokens_per_second", "packing/efficiency", "reward_std",
 # with RunContinuesOnMain when its training is done; a fault is injected into one rank only.
 WORKER = r"""
 import json, os, sys
+sys.path.insert(0, sys.argv[2])  # tests/, for fault_launcher
+from fault_launcher import Faults
 from rlhflab.cli import app
 from rlhflab.training.distributed import RunContinuesOnMain
+from rlhflab.training.hooks import RunHooks, installed
 
 for run in json.loads(sys.argv[1]):
-    os.environ.pop("RLHFLAB_FAULTS", None)
-    if run.get("fault_rank") == os.environ["RANK"]:
-        os.environ["RLHFLAB_FAULTS"] = run["fault"]
+    faults = Faults(run["fault"]) if run.get("fault_rank") == os.environ["RANK"] else RunHooks()
     try:
-        code = app(run["args"], standalone_mode=False)
+        with installed(faults):
+            code = app(run["args"], standalone_mode=False)
     except RunContinuesOnMain:
         code = "left"
     os.write(1, f"RESULT {os.environ['RANK']} {run['name']} {code or 0}\n".encode())  # one write: lines stay whole
@@ -81,6 +84,19 @@ def test_torchrun_outside_data_parallel_is_one_process(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     assert distributed.launched()
     assert distributed.world_size() == 1 and distributed.is_main()  # e.g. prerequisites built before training
+
+
+def test_the_world_lasts_for_the_data_parallel_block(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with distributed.data_parallel():
+        with distributed.data_parallel():
+            assert (distributed.world_size(), distributed.rank()) == (2, 1)
+        assert (distributed.world_size(), distributed.rank()) == (2, 1)  # the inner block restored the outer world
+    assert (distributed.world_size(), distributed.rank()) == (1, 0)  # nothing outlives the block
+    recipe = SimpleNamespace(loss=lambda micro_batch: (torch.tensor(float(micro_batch)), {}))
+    with distributed.process_group(recipe) as group:  # outside data_parallel: one process, no group, no DDP
+        assert group.size == 1 and group.ddp is None and group.loss(3)[0].item() == 3.0
 
 
 def test_each_process_takes_its_block_of_the_step(world):
@@ -209,9 +225,9 @@ def test_two_processes_train_as_one(inputs, tmp_path):
     ]
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RLHFLAB_FAULTS", "WORLD_SIZE", "RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    stdout, stderr, returncode = _launch([str(worker), json.dumps(runs)], env)
+    stdout, stderr, returncode = _launch([str(worker), json.dumps(runs), str(Path(__file__).parent)], env)
     assert returncode == 0, stdout[-3000:] + stderr[-3000:]
     results = sorted(line.split()[1:] for line in stdout.splitlines() if line.startswith("RESULT "))
     assert results == sorted(

@@ -2,7 +2,7 @@
 
 A run of N steps straight and a run killed at some step, then resumed with `--resume auto`, must
 write the same `metrics.jsonl` (every key but wall time), the same diagnostics and the same final
-weights. Kills come from `rlhflab.training.faults` (RLHFLAB_FAULTS): after a step's metrics line
+weights. Kills come from tests/fault_launcher.py (hooks the tests install): after a step's metrics line
 (so the killed run has logged steps past its last checkpoint), at an epoch boundary, and in the
 middle of a checkpoint write. The default suite runs each command in-process (the kill becomes an
 exception that unwinds like a crash) plus one real SIGKILLed subprocess; `-m slow` runs the whole
@@ -23,14 +23,17 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_launcher import Faults
 from helpers import TIMING_KEYS
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rlhflab.cli import app
-from rlhflab.training import faults
 from rlhflab.training.checkpoint import list_checkpoints, verify_checkpoint
+from rlhflab.training.hooks import installed
 from rlhflab.training.metrics import read_metrics
+
+FAULT_LAUNCHER = Path(__file__).with_name("fault_launcher.py")
 
 MAX_STEPS = 8
 CHECKPOINT_EVERY = 2
@@ -65,31 +68,28 @@ class SimulatedKill(BaseException):
     """In-process stand-in for SIGKILL: not an Exception, so nothing in rlhflab catches it."""
 
 
-def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, fault: str | None = None):
-    """`rlhflab ARGS` in this process with RLHFLAB_FAULTS=fault; a `kill` fault raises SimulatedKill."""
+def _simulated_kill() -> None:
+    raise SimulatedKill
 
-    def simulated_kill() -> None:
-        raise SimulatedKill
 
-    with monkeypatch.context() as m:
-        m.setattr(faults, "kill", simulated_kill)
-        if fault:
-            m.setenv("RLHFLAB_FAULTS", fault)
-        else:
-            m.delenv("RLHFLAB_FAULTS", raising=False)
+def run_cli(args: list[str], fault: str | None = None):
+    """`rlhflab ARGS` in this process, with `fault` injected (tests/fault_launcher.py); a kill raises SimulatedKill."""
+    if not fault:
+        return CliRunner().invoke(app, args)
+    with installed(Faults(fault, kill=_simulated_kill)):
         return CliRunner().invoke(app, args)
 
 
 def run_subprocess(args: list[str], fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhflab.cli", *args], env=subprocess_env(fault), capture_output=True,
-                          text=True, timeout=timeout)
+    """`rlhflab ARGS` as a process: the production entry point, or with `fault` through tests/fault_launcher.py."""
+    launcher = [str(FAULT_LAUNCHER), fault] if fault else ["-m", "rlhflab.cli"]
+    return subprocess.run([sys.executable, *launcher, *args], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def subprocess_env(fault: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RLHFLAB_FAULTS"}
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    if fault:
-        env["RLHFLAB_FAULTS"] = fault
     return env
 
 
@@ -124,12 +124,12 @@ def record_trial(**trial) -> None:
 _straight_runs: dict[tuple[str, str], Path] = {}
 
 
-def straight_run(name: str, inputs, tmp_path_factory, monkeypatch, how: str = "inprocess") -> Path:
+def straight_run(name: str, inputs, tmp_path_factory, how: str = "inprocess") -> Path:
     """The uninterrupted run of `name`, made once per session (in-process or as a subprocess)."""
     if (name, how) not in _straight_runs:
         out = tmp_path_factory.mktemp(f"straight-{name}-{how}")
         if how == "inprocess":
-            result = run_cli(command(name, inputs, out), monkeypatch)
+            result = run_cli(command(name, inputs, out))
             assert result.exit_code == 0, result.output
         else:
             proc = run_subprocess(command(name, inputs, out))
@@ -161,19 +161,19 @@ KILL_CASES = [
 
 
 @pytest.mark.parametrize(("name", "scenario"), KILL_CASES)
-def test_killed_run_resumes_exactly(name, scenario, inputs, tmp_path, tmp_path_factory, monkeypatch):
-    straight = straight_run(name, inputs, tmp_path_factory, monkeypatch)
+def test_killed_run_resumes_exactly(name, scenario, inputs, tmp_path, tmp_path_factory):
+    straight = straight_run(name, inputs, tmp_path_factory)
     kills = kill_scenarios(name)[scenario]
     out = tmp_path / "run"
     for i, fault in enumerate(kills):
         args = command(name, inputs, out, *(["--resume", "auto"] if i else []))
         with pytest.raises(SimulatedKill):
-            run_cli(args, monkeypatch, fault)
+            run_cli(args, fault)
         if fault.startswith("kill_in_checkpoint"):
             assert (out / "checkpoints" / f".tmp-step-{MAX_STEPS - 2:06d}").exists()  # half written
             assert [p.name for p in list_checkpoints(out)][-1] == f"step-{MAX_STEPS - 4:06d}"
     killed_lines = complete_lines(out)
-    result = run_cli(command(name, inputs, out, "--resume", "auto"), monkeypatch)
+    result = run_cli(command(name, inputs, out, "--resume", "auto"))
     assert result.exit_code == 0, result.output
     assert "resuming from" in result.output
     assert_same_run(straight, out)
@@ -183,51 +183,51 @@ def test_killed_run_resumes_exactly(name, scenario, inputs, tmp_path, tmp_path_f
                  identical=True)
 
 
-def test_torn_metrics_line_is_dropped_on_resume(inputs, tmp_path, tmp_path_factory, monkeypatch):
+def test_torn_metrics_line_is_dropped_on_resume(inputs, tmp_path, tmp_path_factory):
     """A kill in the middle of writing a metrics line leaves half a JSON object; resume must not choke on it."""
-    straight = straight_run("sft", inputs, tmp_path_factory, monkeypatch)
+    straight = straight_run("sft", inputs, tmp_path_factory)
     out = tmp_path / "run"
     with pytest.raises(SimulatedKill):
-        run_cli(command("sft", inputs, out), monkeypatch, "kill@4")
+        run_cli(command("sft", inputs, out), "kill@4")
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "time": 0.1, "lo')
     with (out / "diagnostics.jsonl").open("a") as f:
         f.write('{"step": 5, "co')
-    result = run_cli(command("sft", inputs, out, "--resume", "auto"), monkeypatch)
+    result = run_cli(command("sft", inputs, out, "--resume", "auto"))
     assert result.exit_code == 0, result.output
     assert_same_run(straight, out)
 
 
-def test_resume_of_a_finished_run_changes_nothing(inputs, tmp_path, tmp_path_factory, monkeypatch):
-    straight = straight_run("sft", inputs, tmp_path_factory, monkeypatch)
+def test_resume_of_a_finished_run_changes_nothing(inputs, tmp_path, tmp_path_factory):
+    straight = straight_run("sft", inputs, tmp_path_factory)
     out = tmp_path / "run"
-    assert run_cli(command("sft", inputs, out), monkeypatch).exit_code == 0
-    result = run_cli(command("sft", inputs, out, "--resume", "auto"), monkeypatch)
+    assert run_cli(command("sft", inputs, out)).exit_code == 0
+    result = run_cli(command("sft", inputs, out, "--resume", "auto"))
     assert result.exit_code == 0, result.output
     assert f"at step {MAX_STEPS}" in result.output
     assert_same_run(straight, out)
 
 
-def test_resume_auto_without_checkpoints_starts_fresh(inputs, tmp_path, tmp_path_factory, monkeypatch):
+def test_resume_auto_without_checkpoints_starts_fresh(inputs, tmp_path, tmp_path_factory):
     """A run killed before its first checkpoint: --resume auto starts from step 0 and drops the old lines."""
-    straight = straight_run("sft", inputs, tmp_path_factory, monkeypatch)
+    straight = straight_run("sft", inputs, tmp_path_factory)
     out = tmp_path / "run"
     with pytest.raises(SimulatedKill):
-        run_cli(command("sft", inputs, out), monkeypatch, "kill@0")
+        run_cli(command("sft", inputs, out), "kill@0")
     assert list_checkpoints(out) == []
-    result = run_cli(command("sft", inputs, out, "--resume", "auto"), monkeypatch)
+    result = run_cli(command("sft", inputs, out, "--resume", "auto"))
     assert result.exit_code == 0, result.output
     assert_same_run(straight, out)
 
 
-def test_real_sigkill_then_resume(inputs, tmp_path, tmp_path_factory, monkeypatch):
+def test_real_sigkill_then_resume(inputs, tmp_path, tmp_path_factory):
     """A real process SIGKILLed after step 5 (checkpoint at 4), resumed: identical to the straight run."""
-    straight = straight_run("sft", inputs, tmp_path_factory, monkeypatch)
+    straight = straight_run("sft", inputs, tmp_path_factory)
     out = tmp_path / "run"
     proc = run_subprocess(command("sft", inputs, out), fault="kill@5")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert [r["step"] for r in read_metrics(out)] == list(range(6))
-    result = run_cli(command("sft", inputs, out, "--resume", "auto"), monkeypatch)
+    result = run_cli(command("sft", inputs, out, "--resume", "auto"))
     assert result.exit_code == 0, result.output
     assert "at step 4" in result.output
     assert_same_run(straight, out)
@@ -236,9 +236,9 @@ def test_real_sigkill_then_resume(inputs, tmp_path, tmp_path_factory, monkeypatc
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["random-step", "epoch-first-step", "checkpoint-write", "external"])
 @pytest.mark.parametrize("name", COMMANDS)
-def test_sigkilled_process_resumes_exactly(name, scenario, inputs, tmp_path, tmp_path_factory, monkeypatch):
+def test_sigkilled_process_resumes_exactly(name, scenario, inputs, tmp_path, tmp_path_factory):
     """Real processes throughout: straight, SIGKILLed, resumed (a fresh process)."""
-    straight = straight_run(name, inputs, tmp_path_factory, monkeypatch, how="subprocess")
+    straight = straight_run(name, inputs, tmp_path_factory, how="subprocess")
     out = tmp_path / "run"
     if scenario == "external":  # SIGKILL from outside once a random number of steps is logged
         target = random.Random(f"{name}-external").randint(CHECKPOINT_EVERY + 1, MAX_STEPS - 1)

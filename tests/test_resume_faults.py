@@ -38,10 +38,10 @@ def codes(out: Path) -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_nan_stops_keeps_last_good_checkpoint_and_resumes(name, inputs, tmp_path, tmp_path_factory, monkeypatch):
-    straight = straight_run(name, inputs, tmp_path_factory, monkeypatch)
+def test_nan_stops_keeps_last_good_checkpoint_and_resumes(name, inputs, tmp_path, tmp_path_factory):
+    straight = straight_run(name, inputs, tmp_path_factory)
     out = tmp_path / "run"
-    result = run_cli(command(name, inputs, out), monkeypatch, "nan@3")
+    result = run_cli(command(name, inputs, out), "nan@3")
     assert result.exit_code == 3, result.output
     assert "train.nonfinite" in result.output and "last good checkpoint" in result.output
     assert (3, "train.nonfinite") in codes(out)
@@ -50,33 +50,32 @@ def test_nan_stops_keeps_last_good_checkpoint_and_resumes(name, inputs, tmp_path
     assert [p.name for p in list_checkpoints(out)] == ["step-000002"]
     assert not (out / "model").exists()
     # the fault was transient: resuming from the last good checkpoint gives the unbroken run
-    assert run_cli(command(name, inputs, out, "--resume", "auto"), monkeypatch).exit_code == 0
+    assert run_cli(command(name, inputs, out, "--resume", "auto")).exit_code == 0
     assert_same_run(straight, out)
     record_trial(command=name, scenario="nan then resume", faults=["nan@3"], how="in-process", identical=True)
 
 
 @pytest.mark.parametrize("name", ["sft", "ppo"])
-def test_nan_skip_is_bounded(name, inputs, tmp_path, monkeypatch):
+def test_nan_skip_is_bounded(name, inputs, tmp_path):
     out = tmp_path / "skip"
-    result = run_cli(command(name, inputs, out, "--on-nonfinite", "skip"), monkeypatch, "nan@3")
+    result = run_cli(command(name, inputs, out, "--on-nonfinite", "skip"), "nan@3")
     assert result.exit_code == 0, result.output
     rows = read_metrics(out)
     assert len(rows) == 8 and rows[3]["loss"] == "nan" and rows[4]["loss"] != "nan"
     out = tmp_path / "bounded"
     args = command(name, inputs, out, "--on-nonfinite", "skip", "--max-nonfinite-skips", "1")
-    result = run_cli(args, monkeypatch, "nan@3,nan@4")
+    result = run_cli(args, "nan@3,nan@4")
     assert result.exit_code == 3, result.output
     assert read_metrics(out)[-1]["step"] == 4
     assert [c for c in codes(out) if c[1] == "train.nonfinite"] == [(3, "train.nonfinite"), (4, "train.nonfinite")]
 
 
-def test_skipped_step_leaves_weights_as_before(inputs, tmp_path, monkeypatch):
+def test_skipped_step_leaves_weights_as_before(inputs, tmp_path):
     """With skip, a NaN at the last step leaves the weights of the step before (checkpoint 7 of a clean run)."""
     clean = tmp_path / "clean"
-    assert run_cli(command("sft", inputs, clean, "--checkpoint-every", "1", "--keep-checkpoints", "9"),
-                   monkeypatch).exit_code == 0
+    assert run_cli(command("sft", inputs, clean, "--checkpoint-every", "1", "--keep-checkpoints", "9")).exit_code == 0
     skipped = tmp_path / "skipped"
-    assert run_cli(command("sft", inputs, skipped, "--on-nonfinite", "skip"), monkeypatch, "nan@7").exit_code == 0
+    assert run_cli(command("sft", inputs, skipped, "--on-nonfinite", "skip"), "nan@7").exit_code == 0
     before = load_file(clean / "checkpoints" / "step-000007" / "model.safetensors")
     after = load_file(skipped / "model" / "model.safetensors")
     shared = before.keys() & after.keys()  # the checkpoint also lists the tied lm_head
@@ -126,10 +125,10 @@ def test_skip_undoes_every_update_of_a_bad_step(tmp_path):
 
 @pytest.mark.parametrize("name", ["sft", pytest.param("ppo", marks=pytest.mark.slow),
                                   pytest.param("dpo", marks=pytest.mark.slow)])
-def test_disk_full_keeps_previous_checkpoint_and_resumes(name, inputs, tmp_path, tmp_path_factory, monkeypatch):
-    straight = straight_run(name, inputs, tmp_path_factory, monkeypatch)
+def test_disk_full_keeps_previous_checkpoint_and_resumes(name, inputs, tmp_path, tmp_path_factory):
+    straight = straight_run(name, inputs, tmp_path_factory)
     out = tmp_path / "run"
-    result = run_cli(command(name, inputs, out), monkeypatch, "disk_full@4")
+    result = run_cli(command(name, inputs, out), "disk_full@4")
     assert result.exit_code == 1, result.output
     text = " ".join(result.output.split())
     assert "No space left on device" in text and "previous checkpoint is intact" in text and "resume" in text
@@ -137,7 +136,7 @@ def test_disk_full_keeps_previous_checkpoint_and_resumes(name, inputs, tmp_path,
     assert [p.name for p in list_checkpoints(out)] == ["step-000002"]
     assert verify_checkpoint(list_checkpoints(out)[0]) is None
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
-    assert run_cli(command(name, inputs, out, "--resume", "auto"), monkeypatch).exit_code == 0
+    assert run_cli(command(name, inputs, out, "--resume", "auto")).exit_code == 0
     assert_same_run(straight, out)
     record_trial(command=name, scenario="disk full", faults=["disk_full@4"], how="in-process", identical=True)
 
@@ -163,25 +162,25 @@ def _rewrite_manifest(checkpoint: Path) -> None:
     (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
-def test_crafted_pickle_in_checkpoint_is_refused_by_resume(inputs, tmp_path, tmp_path_factory, monkeypatch):
+def test_crafted_pickle_in_checkpoint_is_refused_by_resume(inputs, tmp_path, tmp_path_factory):
     MARKER.unlink(missing_ok=True)
     out = tmp_path / "run"
-    assert run_cli(command("sft", inputs, out, "--max-steps", "4"), monkeypatch).exit_code == 0
+    assert run_cli(command("sft", inputs, out, "--max-steps", "4")).exit_code == 0
     newest = list_checkpoints(out)[-1]
     with open(newest / STATE_FILE, "wb") as f:
         pickle.dump({"step": Exploit()}, f)
     # with a stale manifest the tampered checkpoint is skipped and the older one used
-    result = run_cli(command("sft", inputs, out, "--resume", "auto"), monkeypatch)
+    result = run_cli(command("sft", inputs, out, "--resume", "auto"))
     assert result.exit_code == 0, result.output
     assert "skipping checkpoint" in result.output and "at step 2" in result.output
     assert not MARKER.exists()
     # with a manifest that matches, loading refuses the pickle rather than running it
-    assert run_cli(command("sft", inputs, out, "--max-steps", "4"), monkeypatch).exit_code == 0
+    assert run_cli(command("sft", inputs, out, "--max-steps", "4")).exit_code == 0
     newest = list_checkpoints(out)[-1]
     with open(newest / STATE_FILE, "wb") as f:
         pickle.dump({"step": Exploit()}, f)
     _rewrite_manifest(newest)
-    result = run_cli(command("sft", inputs, out, "--resume", "auto"), monkeypatch)
+    result = run_cli(command("sft", inputs, out, "--resume", "auto"))
     assert result.exit_code == 2, result.output
     assert "refused to load trainer state" in result.output and "Traceback" not in result.output
     assert not MARKER.exists()
@@ -200,17 +199,17 @@ def pickle_only_model(inputs, tmp_path) -> Path:
 
 @pytest.mark.parametrize("name,flag", [("sft", "--model"), ("rm", "--model"), ("dpo", "--model"), ("ppo", "--model"),
                                        ("grpo", "--model"), ("ppo", "--reward-model"), ("grpo", "--reward-model")])
-def test_pickle_only_model_folder_is_refused(name, flag, inputs, pickle_only_model, tmp_path, monkeypatch):
+def test_pickle_only_model_folder_is_refused(name, flag, inputs, pickle_only_model, tmp_path):
     MARKER.unlink(missing_ok=True)
     args = command(name, inputs, tmp_path / "run")
     args[args.index(flag) + 1] = str(pickle_only_model)
-    result = run_cli(args, monkeypatch)
+    result = run_cli(args)
     assert result.exit_code == 2, result.output
     assert "safetensors" in result.output and str(pickle_only_model) in result.output.replace("\n", "")
     assert not MARKER.exists()
 
 
-def test_remote_code_is_off_by_default(inputs, tmp_path, monkeypatch):
+def test_remote_code_is_off_by_default(inputs, tmp_path):
     from rlhflab import stages
     from rlhflab.algorithms.dpo import DPOConfig
     from rlhflab.algorithms.grpo import GRPOConfig
@@ -232,7 +231,7 @@ def test_remote_code_is_off_by_default(inputs, tmp_path, monkeypatch):
     (folder / "config.json").write_text(json.dumps(config))
     args = command("sft", inputs, tmp_path / "run")
     args[args.index("--model") + 1] = str(folder)
-    result = run_cli(args, monkeypatch)
+    result = run_cli(args)
     assert not MARKER.exists(), "remote code ran without --trust-remote-code"
     assert result.exit_code in (0, 2), result.output  # refused with a clear error, or loaded as plain Llama
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception

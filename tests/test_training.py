@@ -1,8 +1,10 @@
-"""The shared training loop: accumulation invariance, resume, checkpoints, non-finite steps, configs."""
+"""The shared training loop: accumulation invariance, resume, checkpoints, non-finite steps, token counts,
+evaluation, progress text, configs."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from dataclasses import dataclass, replace
@@ -14,6 +16,7 @@ from helpers import without_timing
 
 from rlhflab.config import RunConfig, load_config, parse_cli_overrides
 from rlhflab.errors import InputError
+from rlhflab.training import loop
 from rlhflab.training.checkpoint import (
     STATE_FILE,
     find_resume_checkpoint,
@@ -48,7 +51,8 @@ class ToyRecipe:
             {"x": self.x[c], "y": self.y[c], "num_items": len(c), "poison": step == self.nan_at_step}
             for c in split_micro_batches(indices, self.cfg.grad_accum)
         ]
-        return StepPlan([mbs], {"noise": float(torch.rand(()).item())})  # consumes the global RNG
+        # "tokens": the sum of the indices, so that every step counts a different number
+        return StepPlan([mbs], {"noise": float(torch.rand(()).item())}, num_tokens=sum(indices))  # consumes the RNG
 
     def loss(self, mb):
         err = self.model(mb["x"]).squeeze(-1) - mb["y"]
@@ -97,6 +101,123 @@ def test_resume_reproduces_metrics_exactly(tmp_path):
     b = without_timing(read_metrics(Path(resumed.out)))
     assert [r["step"] for r in b] == list(range(12))
     assert a == b
+
+
+class FakeClock:
+    """The loop's `time`, advanced one second by each plan_step: every step takes exactly 1 s of wall time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class TimedToyRecipe(ToyRecipe):
+    def __init__(self, cfg: RunConfig, clock: FakeClock, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.clock = clock
+
+    def plan_step(self, step: int) -> StepPlan:
+        self.clock.now += 1.0
+        return super().plan_step(step)
+
+
+def test_num_tokens_is_cumulative_across_resume_and_throughput_counts_this_process(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "time", clock)
+    replay = EpochSampler(64, 0)  # the independent reference: the token count of every step, from the data order
+    per_step = [sum(replay.take(8)) for _ in range(12)]
+    expected = [float(sum(per_step[: step + 1])) for step in range(12)]
+
+    straight = _cfg(tmp_path / "straight")
+    train(straight, TimedToyRecipe(straight, clock))
+    rows = read_metrics(Path(straight.out))
+    assert [r["num_tokens"] for r in rows] == expected
+    # tokens since this process's first step, over the seconds since then (each step took 1 s)
+    assert [r["tokens_per_second"] for r in rows] == pytest.approx([expected[s] / (s + 1) for s in range(12)])
+
+    interrupted = _cfg(tmp_path / "resumed", checkpoint_every=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(interrupted, TimedToyRecipe(interrupted, clock, crash_at_step=5))
+    resumed = replace(interrupted, resume="auto")
+    train(resumed, TimedToyRecipe(resumed, clock))  # from checkpoint 4: the count continues from the checkpoint
+    rows = read_metrics(Path(resumed.out))
+    assert [r["num_tokens"] for r in rows] == expected
+    # the resumed process started its clock and its count at step 4
+    assert [r["tokens_per_second"] for r in rows[4:]] == pytest.approx(
+        [(expected[s] - expected[3]) / (s - 3) for s in range(4, 12)])
+
+
+class EvaluatedToyRecipe(ToyRecipe):
+    """ToyRecipe with a held-out evaluate(): the MSE on 16 examples it never trains on."""
+
+    progress_metrics = ("mse", "eval/mse")
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.x_eval = torch.randn(16, 4)
+        self.y_eval = self.x_eval @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+        self.planned: int | None = None
+        self.evaluations: list[tuple[int | None, float]] = []  # (the last step planned, eval/mse)
+
+    def plan_step(self, step: int) -> StepPlan:
+        self.planned = step
+        return super().plan_step(step)
+
+    def evaluate(self) -> dict[str, float]:
+        with torch.no_grad():
+            mse = ((self.model(self.x_eval).squeeze(-1) - self.y_eval) ** 2).mean().item()
+        self.evaluations.append((self.planned, mse))
+        return {"eval/mse": mse}
+
+
+class RecordingMonitor:
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[str, float]] = {}
+
+    def observe(self, step, metrics):
+        self.seen[step] = dict(metrics)
+        return []
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.parametrize(("eval_every", "evaluated"), [(5, [0, 5, 10, 11]), (0, [11]), (4, [0, 4, 8, 11])])
+def test_evaluate_runs_at_eval_every_and_after_the_last_step(tmp_path, eval_every, evaluated):
+    cfg = _cfg(tmp_path, eval_every=eval_every, log_every=3)
+    recipe, monitor = EvaluatedToyRecipe(cfg), RecordingMonitor()
+    final = train(cfg, recipe, monitors=[monitor])
+    assert [step for step, _ in recipe.evaluations] == evaluated  # after the step's update, before the next plan
+    results = dict(recipe.evaluations)
+    rows = {r["step"]: r for r in read_metrics(Path(cfg.out))}
+    # an evaluated step is logged even where log_every would skip it; no other line has eval metrics
+    assert set(rows) == set(range(0, 12, 3)) | set(evaluated)
+    assert {s: r["eval/mse"] for s, r in rows.items() if "eval/mse" in r} == results
+    assert {s: m["eval/mse"] for s, m in monitor.seen.items() if "eval/mse" in m} == results  # monitors see them
+    assert final == {"eval/mse": results[11]}  # train returns the last evaluation: the final weights'
+    assert results[11] < results.get(0, math.inf)
+
+
+def test_train_returns_nothing_without_evaluate_and_reevaluates_a_finished_run(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=3, checkpoint_every=1)
+    assert train(cfg, ToyRecipe(cfg)) == {}
+    recipe = EvaluatedToyRecipe(cfg)
+    first = train(cfg, recipe)
+    resumed = EvaluatedToyRecipe(cfg)
+    again = train(replace(cfg, resume="auto"), resumed)  # nothing left to train: the final weights evaluated again
+    assert again == first and len(resumed.evaluations) == 1
+
+
+def test_progress_text_shows_the_recipes_progress_metrics(tmp_path):
+    metrics = {"loss": 0.5, "mse": 0.25, "eval/mse": 0.125, "reward": 2.0}
+    cfg = _cfg(tmp_path)
+    assert loop._describe(metrics, EvaluatedToyRecipe(cfg)) == "mse=0.250 eval/mse=0.125"
+    assert loop._describe(metrics, ToyRecipe(cfg)) == "loss=0.500"  # no progress_metrics: the loss alone
 
 
 def test_nonfinite_step_is_not_applied_and_stops(tmp_path):

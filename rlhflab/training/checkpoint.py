@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from rlhflab.errors import InputError
-from rlhflab.training import faults
+from rlhflab.training import hooks
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -67,7 +67,7 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, state: dict[st
         tmp.mkdir()
         save_model(model, str(tmp / MODEL_FILE))
         torch.save(state, tmp / STATE_FILE)
-        faults.in_checkpoint(step)
+        hooks.current().in_checkpoint(step)  # tests inject a kill or a full disk here
         manifest = {"step": step, "files": {}}
         for name in (MODEL_FILE, STATE_FILE):
             manifest["files"][name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}

@@ -19,6 +19,14 @@ collation, packing and any DPO reference log-probs not yet cached are repeated o
 Only training inside `data_parallel()` is distributed: the CLI's stages wrap the command's own
 training in it, so prerequisites a `--task` run builds first are built by one process (the others
 wait on the artefact's file lock). Without torchrun every function here is a no-op.
+
+Where the state lives. Algorithm code asks `world_size()`, `share(...)`, `all_gather(...)` deep
+inside a recipe, so the world (its size and this process's rank) is not passed down: `data_parallel()`
+puts an immutable `World` in a ContextVar for the duration of its block and restores the one outside
+it on leaving, so nothing outlives the block and a test can enter a world of its own (a thread started
+inside the block would see one process: nothing in rlhflab starts one). What belongs to
+one training run, the process group and the DDP wrapper, is a `TrainingGroup` that `process_group()`
+makes and the loop holds: no module variable keeps either alive after the run.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import gc
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -34,10 +44,17 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
-_enabled = False  # inside data_parallel() under torchrun
-_store: dist.Store | None = None  # torchrun's key-value store, connected to once per process
-_runs = 0  # data-parallel trainings so far in this process
-_ddp: torch.nn.parallel.DistributedDataParallel | None = None  # the training's DDP wrapper, while it runs
+
+@dataclass(frozen=True)
+class World:
+    """The processes a call runs among: one, or torchrun's WORLD_SIZE inside `data_parallel()`."""
+
+    size: int = 1
+    rank: int = 0
+
+
+ONE_PROCESS = World()
+_world: ContextVar[World] = ContextVar("rlhflab_world", default=ONE_PROCESS)
 
 
 class RunContinuesOnMain(SystemExit):
@@ -62,20 +79,20 @@ def data_parallel() -> Iterator[None]:
     sample inside plan_step: each process samples its block of the step's prompts, and all of them
     receive the whole rollout (`all_gather`), which is the one a single process would sample because
     every prompt's samples come from a seed of its own (`algorithms.rollout.generate`)."""
-    global _enabled
-    previous, _enabled = _enabled, launched()
+    world = World(int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])) if launched() else ONE_PROCESS
+    token = _world.set(world)
     try:
         yield
     finally:
-        _enabled = previous
+        _world.reset(token)
 
 
 def world_size() -> int:
-    return int(os.environ["WORLD_SIZE"]) if _enabled else 1
+    return _world.get().size
 
 
 def rank() -> int:
-    return int(os.environ["RANK"]) if _enabled else 0
+    return _world.get().rank
 
 
 def is_main() -> bool:
@@ -103,62 +120,54 @@ def share_indices(count: int) -> list[int]:
     return share(list(range(count)))
 
 
-@contextmanager
-def process_group(agreed: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """The process group, for one training run.
-
-    On leaving normally or with one of `agreed` (exceptions every process raises at the same step),
-    all processes meet at a barrier and destroy the group (after dropping the DDP wrapper, which holds
-    it): gloo processes that exit otherwise abort now and then ("terminate called without an active
-    exception": 5 of 20 runs with a live DDP wrapper, 0 of 20 without). Any other exception is one
-    process failing alone: a barrier would wait forever for processes stuck in a collective, so it
-    is skipped and torchrun ends the others.
-    """
-    if world_size() == 1:
-        yield
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    global _store, _runs
-    if _store is None:
-        _store = next(dist.rendezvous("env://"))[0]
-    # A process that trains twice needs fresh keys: a second group under the first one's keys finds the
-    # first group's (closed) addresses there and cannot connect.
-    _runs += 1
-    store = dist.PrefixStore(f"rlhflab-training-{_runs}", _store)
-    # gloo for CPU tensors (the models here train on CPU; metric reductions always do), nccl for CUDA ones
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank(), world_size=world_size())
-    try:
-        yield
-    except agreed:
-        _teardown()
-        raise
-    _teardown()
-
-
-def _teardown() -> None:
-    global _ddp
-    _ddp = None
-    gc.collect()  # DDP's hooks refer back to it: only the collector frees it, and with it the group
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def leave_unless_main() -> None:
     """After training: processes other than rank 0 stop here (see RunContinuesOnMain)."""
     if not is_main():
         raise RunContinuesOnMain
 
 
-class _RecipeLoss(torch.nn.Module):
-    """`recipe.loss` as a module's forward, for DDP.
+class TrainingGroup:
+    """One training run's part in data parallelism: its loss (through DDP under torchrun), the backward
+    of it and when gradients are exchanged. In one process: `recipe.loss`, a plain backward, no exchange.
 
-    DDP synchronises gradients only for backward passes of outputs of its own forward. Recipes
-    call parts of their model directly (DPO runs the backbone and the LM head separately, PPO
-    trains a ModuleDict that has no forward), so DDP wraps the recipe's loss, which owns every
+    DDP synchronises gradients only for backward passes of outputs of its own forward. Recipes call
+    parts of their model directly (DPO runs the backbone and the LM head separately, PPO trains a
+    ModuleDict that has no forward), so DDP wraps the recipe's loss (`_RecipeLoss`), which owns every
     trainable parameter through `recipe.model`.
     """
+
+    def __init__(self, recipe: Any, size: int) -> None:
+        self.size = size
+        self._recipe_loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]] = recipe.loss
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        if size > 1:
+            module = _RecipeLoss(recipe)
+            device = next(module.parameters()).device
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+    def loss(self, micro_batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.size == 1:
+            return self._recipe_loss(micro_batch)
+        assert self.ddp is not None, "the process group of this training was torn down"
+        return self.ddp(micro_batch)
+
+    def gradient_sync(self, last: bool) -> AbstractContextManager[Any]:
+        """Around a micro-batch's forward and backward: gradients are exchanged on a process's last one only."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`. Each process's loss is its share of the step's mean (÷ the global item count),
+        so gradients must add up over processes; DDP averages them, hence the factor of the world size."""
+        if self.size == 1:
+            loss.backward()
+        else:
+            (loss * self.size).backward()
+
+
+class _RecipeLoss(torch.nn.Module):
+    """`recipe.loss` as a module's forward, for DDP."""
 
     def __init__(self, recipe: Any):
         super().__init__()
@@ -169,37 +178,50 @@ class _RecipeLoss(torch.nn.Module):
         return self.recipe_loss(micro_batch)
 
 
-def wrap_loss(recipe: Any) -> Callable[[Any], tuple[torch.Tensor, dict[str, float]]]:
-    """`recipe.loss`, or under torchrun the same through DDP (call inside `process_group()`).
+@contextmanager
+def process_group(recipe: Any, agreed: tuple[type[BaseException], ...] = ()) -> Iterator[TrainingGroup]:
+    """The process group of one training run of `recipe`, and the run's `TrainingGroup`.
 
-    The DDP wrapper stays here, not with the caller, so that the group's teardown can free it first.
+    On leaving normally or with one of `agreed` (exceptions every process raises at the same step),
+    all processes meet at a barrier and destroy the group, after dropping the DDP wrapper, which holds
+    it: gloo processes that exit with a live wrapper abort now and then (docs/notes_reliability.md).
+    Any other exception is one process failing alone: a barrier would wait forever for processes
+    stuck in a collective, so it is skipped and torchrun ends the others.
     """
     if world_size() == 1:
-        return recipe.loss
-    global _ddp
-    module = _RecipeLoss(recipe)
-    device = next(module.parameters()).device
-    _ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    return _loss_through_ddp
+        yield TrainingGroup(recipe, 1)
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # gloo for CPU tensors (the models here train on CPU; metric reductions always do), nccl for CUDA ones
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=_store_for_new_group(), rank=rank(), world_size=world_size())
+    group = TrainingGroup(recipe, world_size())
+    try:
+        yield group
+    except agreed:
+        _teardown(group)
+        raise
+    _teardown(group)
 
 
-def _loss_through_ddp(micro_batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-    assert _ddp is not None, "the process group of this training was torn down"
-    return _ddp(micro_batch)
+def _store_for_new_group() -> dist.Store:
+    """torchrun's key-value store, under keys that no earlier group of this job used.
+
+    A second group under the first one's keys finds the first group's (closed) addresses there and
+    cannot connect. Every process makes its groups in the same order, so the count of groups this
+    rank has made (kept in the store itself) names the same fresh keys on every process.
+    """
+    store = next(dist.rendezvous("env://"))[0]
+    made = store.add(f"rlhflab-groups-made-by-rank-{rank()}", 1)
+    return dist.PrefixStore(f"rlhflab-training-{made}", store)
 
 
-def gradient_sync(last: bool) -> AbstractContextManager[Any]:
-    """Around a micro-batch's forward and backward: gradients are exchanged on a process's last one only."""
-    return _ddp.no_sync() if _ddp is not None and not last else nullcontext()
-
-
-def backward(loss: torch.Tensor) -> None:
-    """`loss.backward()`. Each process's loss is its share of the step's mean (÷ the global item count), so
-    gradients must add up over processes; DDP averages them, hence the factor of the world size."""
-    if world_size() == 1:
-        loss.backward()
-    else:
-        (loss * world_size()).backward()
+def _teardown(group: TrainingGroup) -> None:
+    group.ddp = None
+    gc.collect()  # DDP's hooks refer back to it: only the collector frees it, and with it the group
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:

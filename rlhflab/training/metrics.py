@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+# Keys of a metrics line that measure wall time: they differ between any two runs of the same seed.
+WALL_CLOCK_KEYS = ("time", "tokens_per_second")
+
 
 def _jsonable(value: float) -> Any:
     # JSON has no NaN/inf; keep them readable rather than writing invalid JSON.

@@ -15,13 +15,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from rlhflab.algorithms.dpo import (
     DPOConfig,
     DPORecipe,
-    pack_pairs,
     pair_logps,
     reference_cache_dirs,
     run_dpo,
 )
 from rlhflab.core.logprobs import sequence_logps
-from rlhflab.data.collate import collate_preference_pairs, tokenize_preference
+from rlhflab.data.collate import collate_sequences, pack_pairs, tokenize_preference
 from rlhflab.data.loading import from_records
 from rlhflab.diagnostics.findings import read_findings
 from rlhflab.models.tokenizer import train_tokenizer
@@ -68,8 +67,8 @@ def test_packed_pair_logps_equal_padded_forward(tokenizer, pairs, attn):
     model = tiny_model(tokenizer, attn).eval()
     batch = pairs[:10]
     with torch.no_grad():
-        chosen, rejected = pair_logps(model, pack_pairs(batch, 96, tokenizer.pad_token_id))
-        padded = collate_preference_pairs(batch, tokenizer.pad_token_id)
+        chosen, rejected = pair_logps(model, pack_pairs(batch, 96, tokenizer.pad_token_id, trim_final_tokens=True))
+        padded = collate_sequences([c for c, _ in batch] + [r for _, r in batch], tokenizer.pad_token_id)
         logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
         expected = sequence_logps(logits, padded["input_ids"], padded["response_mask"])  # [2B]
     torch.testing.assert_close(chosen, expected[:10], atol=1e-5, rtol=1e-6)
@@ -182,7 +181,7 @@ def test_resume_gives_identical_metrics(tokenizer, pairs, tmp_path):
 def test_step0_accuracy_is_zero_with_reference_cached_from_other_batches(tokenizer, pairs, tmp_path):
     recipe = _recipe(tokenizer, pairs, cfg_for(tmp_path, batch_size=1, eval_every=0))
     # cache every pair from one big packed batch: another row layout than batch 1's, other rounding
-    recipe.reference_logps(recipe.keys, pack_pairs(recipe.pairs, 1024, tokenizer.pad_token_id))
+    recipe.reference_logps(recipe.keys, pack_pairs(recipe.pairs, 1024, tokenizer.pad_token_id, trim_final_tokens=True))
     for step in range(6):  # no optimizer step: the policy is still the reference
         _, metrics = recipe.loss(recipe.plan_step(step).updates[0][0])
         assert metrics["rewards/accuracies"] == 0.0
@@ -198,7 +197,7 @@ def test_bf16_step0_is_ln2_and_reference_cached_apart(tokenizer, pairs, tmp_path
     with mixed_precision("bf16", recipe.model):
         _, metrics = recipe.loss(recipe.plan_step(0).updates[0][0])
         assert metrics["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6) and metrics["rewards/margins"] == 0.0
-        recipe.reference_logps(recipe.keys, pack_pairs(recipe.pairs, 1024, tokenizer.pad_token_id))
+        recipe.reference_logps(recipe.keys, pack_pairs(recipe.pairs, 1024, tokenizer.pad_token_id, trim_final_tokens=True))
         for step in range(1, 8):  # no optimizer step: the policy is still the reference
             _, metrics = recipe.loss(recipe.plan_step(step).updates[0][0])
             assert metrics["rewards/accuracies"] == 0.0
@@ -212,7 +211,7 @@ def test_bf16_step0_is_ln2_and_reference_cached_apart(tokenizer, pairs, tmp_path
 def test_frozen_bf16_reference_equals_autocast_bit_for_bit(tokenizer, pairs):
     """freeze(bf16) stores Linear weights as autocast would round them: same log-probs, no per-forward cast."""
     model = tiny_model(tokenizer)
-    packed = pack_pairs(pairs[:8], 96, tokenizer.pad_token_id)
+    packed = pack_pairs(pairs[:8], 96, tokenizer.pad_token_id, trim_final_tokens=True)
     frozen = freeze(copy.deepcopy(model), "bf16")
     assert frozen.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert frozen.model.embed_tokens.weight.dtype == torch.float32  # and lm_head, tied to it

@@ -11,9 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhflab.algorithms.grpo import GRPOConfig, GRPORecipe, run_grpo
+from rlhflab.algorithms.rewards import call_reward_fn, load_reward_fn
 from rlhflab.errors import InputError
 from rlhflab.models.tokenizer import train_tokenizer
-from rlhflab.rewards import call_reward_fn, load_reward_fn
 from rlhflab.training.metrics import read_metrics
 from rlhflab.training.precision import mixed_precision
 
@@ -306,7 +306,7 @@ def test_several_reward_functions_are_summed_with_their_weights(tmp_path):
 
 
 def test_load_several_reward_fns(tmp_path):
-    from rlhflab.rewards import load_reward_fns, reward_names
+    from rlhflab.algorithms.rewards import load_reward_fns, reward_names
 
     file = tmp_path / "r.py"
     file.write_text("def fmt(p, c):\n    return [0.0] * len(c)\n")

@@ -10,9 +10,8 @@ from rlhflab.models.loading import (
     build_model,
     load_causal_lm,
     load_scalar_model,
-    sequence_scores,
-    token_scores,
 )
+from rlhflab.models.scoring import sequence_scores, token_scores
 from rlhflab.models.tokenizer import train_tokenizer
 from rlhflab.tasks import get_task
 

@@ -64,11 +64,11 @@ def test_smoke_policy_and_value_change(tmp_path, precision):
     policy, value, metrics = run(config(tmp_path, precision=precision), use_reward_model=True)
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), policy0.parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(value.parameters(), value0.parameters(), strict=True))
-    for key in ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "policy/approx_kl",
-                "policy/clip_frac", "loss/policy", "loss/value", "value/explained_var", "kl_coef",
+    for key in ("reward", "kl", "entropy", "objective/kl", "objective/entropy", "objective/rlhf_reward", "approx_kl",
+                "clip_ratio/region", "clip_ratio/low", "clip_ratio/high", "ratio", "loss/policy", "loss/value", "value/explained_var", "kl_coef",
                 "completions/mean_length", "completions/clipped_ratio", "loss"):
         assert all(torch.isfinite(torch.tensor(float(m[key]))) for m in metrics), key
-    assert metrics[0]["objective/kl"] == 0.0  # policy == reference before the first update
+    assert metrics[0]["kl"] == metrics[0]["objective/kl"] == 0.0  # policy == reference before the first update
     assert (tmp_path / "run" / "value_model" / "model.safetensors").exists()
 
 
@@ -84,9 +84,9 @@ def test_ratio_is_exactly_one_on_the_first_update(tmp_path, precision):
         assert len(plan.updates) == recipe.updates_per_step == 4
         for mb in plan.updates[0]:
             _, metrics = recipe.loss(mb)
-            assert metrics["policy/ratio"] == 1.0
-            assert metrics["policy/approx_kl"] == 0.0 and metrics["policy/clip_frac"] == 0.0
-    assert plan.metrics["objective/kl"] == 0.0
+            assert metrics["ratio"] == 1.0
+            assert metrics["approx_kl"] == 0.0 and metrics["clip_ratio/region"] == 0.0
+    assert plan.metrics["kl"] == plan.metrics["objective/kl"] == 0.0
 
 
 def test_score_lands_on_the_last_token_and_kl_penalty_elsewhere(tmp_path):

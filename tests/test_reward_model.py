@@ -5,9 +5,9 @@ import torch
 from tiny_models import tiny_llama
 from transformers import LlamaForSequenceClassification
 
-from rlhflab.algorithms.reward_model import pack_pairs, pair_scores
-from rlhflab.data.collate import TokenizedExample, collate_preference_pairs
-from rlhflab.models.loading import sequence_scores
+from rlhflab.algorithms.reward_model import pair_scores
+from rlhflab.data.collate import TokenizedExample, collate_sequences, pack_pairs
+from rlhflab.models.scoring import sequence_scores
 
 PAIRS = [  # (chosen, rejected) share a prompt; lengths differ within and across pairs
     (TokenizedExample([1, 5, 6, 7], [8, 9, 2]), TokenizedExample([1, 5, 6, 7], [10, 2])),
@@ -32,7 +32,7 @@ def test_packed_pair_scores_equal_padded_rows(attn, pooling, max_row_tokens):
     model = scalar_model(attn)
     model.config.score_pooling = pooling
     with torch.no_grad():
-        chosen, rejected = pair_scores(model, pack_pairs(PAIRS, pad_token_id=0, max_row_tokens=max_row_tokens))
+        chosen, rejected = pair_scores(model, pack_pairs(PAIRS, max_row_tokens, pad_token_id=0))
         # reference: each row alone, unpadded, pooled by hand
         alone = []
         for example in [c for c, _ in PAIRS] + [r for _, r in PAIRS]:
@@ -40,7 +40,7 @@ def test_packed_pair_scores_equal_padded_rows(attn, pooling, max_row_tokens):
             scores = model.score(model.model(input_ids=ids).last_hidden_state)[0, :, 0]
             alone.append(scores[-1] if pooling == "last" else scores[len(example.prompt_ids) :].mean())
         expected = torch.stack(alone)
-        padded = sequence_scores(model, collate_preference_pairs(PAIRS, pad_token_id=0))
+        padded = sequence_scores(model, collate_sequences([c for c, _ in PAIRS] + [r for _, r in PAIRS], pad_token_id=0))
     n = len(PAIRS)
     torch.testing.assert_close(chosen, expected[:n], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rejected, expected[n:], atol=1e-5, rtol=1e-5)

@@ -22,7 +22,7 @@ losses (`simpo`, `orpo`: core/losses.py) use no reference at all. Held-out metri
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,10 +170,15 @@ class DPORecipe:
             batch["ref_chosen"], batch["ref_rejected"] = self.reference_logps(keys, packed)
         return batch
 
+    def _eval_batches(self, chunk: int = 64) -> Iterator[dict[str, Any]]:
+        for start in range(0, len(self.eval_pairs), chunk):
+            yield self._batch(self.eval_pairs[start : start + chunk], self.eval_keys[start : start + chunk])
+
     # ── one step ─────────────────────────────────────────────────────────────────────────
     def plan_step(self, step: int) -> StepPlan:
         if self._pending is None and not self.cfg.live_reference and not self.reference_free:
             self._pending = {k for k in self._future_keys(step) if k not in self.cache}
+            list(self._eval_batches())  # the held-out pairs' reference log-probs now, while the reference is loaded
             if not self._pending:
                 self.free_reference()
         chunks = split_micro_batches(self.sampler.take(self.cfg.batch_size), self.cfg.grad_accum)
@@ -219,28 +224,24 @@ class DPORecipe:
         return total.sum(), metrics
 
     @torch.no_grad()
-    def evaluate(self, chunk: int = 64) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Held-out loss, implicit rewards, accuracy and margin with the current policy (TRL's `eval/` names)."""
         if not self.eval_pairs:
             return {}
         was_training = self.model.training
         self.model.eval()
-        losses, chosen_rewards, rejected_rewards, won = [], [], [], []
+        parts = []  # (losses, chosen rewards, rejected rewards, wins) of each chunk
         with mixed_precision(self.cfg.precision, self.model):  # as in training, also when called after it
-            for start in range(0, len(self.eval_pairs), chunk):
-                batch = self._batch(self.eval_pairs[start : start + chunk], self.eval_keys[start : start + chunk])
+            for batch in self._eval_batches():
                 loss, r_c, r_r = self.pair_losses(*pair_logps(self.model, batch["packed"]), batch)
-                losses.append(loss)
-                won.append(wins(r_c, r_r, batch, self.cfg.beta, self.cfg.precision))
-                chosen_rewards.append(r_c)
-                rejected_rewards.append(r_r)
+                parts.append((loss, r_c, r_r, wins(r_c, r_r, batch, self.cfg.beta, self.cfg.precision)))
         self.model.train(was_training)
-        r_c, r_r = torch.cat(chosen_rewards), torch.cat(rejected_rewards)
+        losses, r_c, r_r, won = (torch.cat(column) for column in zip(*parts, strict=True))
         return {
-            "eval/loss": torch.cat(losses).mean().item(),
+            "eval/loss": losses.mean().item(),
             "eval/rewards/chosen": r_c.mean().item(),
             "eval/rewards/rejected": r_r.mean().item(),
-            "eval/rewards/accuracies": torch.cat(won).float().mean().item(),
+            "eval/rewards/accuracies": won.float().mean().item(),
             "eval/rewards/margins": (r_c - r_r).mean().item(),
         }
 

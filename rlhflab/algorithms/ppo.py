@@ -157,7 +157,7 @@ class PPORecipe:
     def _advantages(self, minibatches: list[list[dict[str, Any]]], scores: torch.Tensor,
                     lengths: torch.Tensor) -> dict[str, float]:
         """Per-token rewards, GAE and whitening over the whole rollout batch; stores advantages and returns
-        in each micro-batch; returns the rollout metrics (TRL's `objective/*` names)."""
+        in each micro-batch; returns the rollout metrics (`kl`, and TRL PPO's `objective/*`, `value/*`)."""
         micro = [mb for minibatch in minibatches for mb in minibatch]
         n, width = len(scores), int(lengths.max())
         mask = torch.zeros(n, width, dtype=torch.bool)

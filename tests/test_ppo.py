@@ -175,3 +175,17 @@ def test_a_wrong_label_shift_stops_the_run_before_any_update(tmp_path, monkeypat
         run_ppo(cfg, policy, value, reference, tokenizer, PROMPTS, reward_fn=count_a)
     assert [f.code for f in read_findings(tmp_path / "run" / "diagnostics.jsonl")] == ["logps.mask_mismatch"]
     assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+
+
+def test_micro_batches_are_planned_everywhere_and_trained_by_their_process(monkeypatch):
+    """training.sharding: rank 1 of 2 plans all 2 × grad_accum micro-batches (their sizes normalise the loss) and
+    trains on its block, the last two; alone, one process trains on all."""
+    from rlhflab.training import distributed
+    from rlhflab.training.sharding import plan_micro_batches
+
+    assert plan_micro_batches(list(range(8)), 2) == [([0, 1, 2, 3], True), ([4, 5, 6, 7], True)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with distributed.data_parallel():
+        plan = plan_micro_batches(list(range(8)), 2)
+    assert plan == [([0, 1], False), ([2, 3], False), ([4, 5], True), ([6, 7], True)]

@@ -176,7 +176,7 @@ def score(rollout: Rollout, reward_fns: list[RewardFn] | None, reward_model: tor
             # a conversation's completion is one assistant message, as TRL passes it
             completions = [[{"role": "assistant", "content": rollout.texts[i]}] if isinstance(prompt, list)
                            else rollout.texts[i] for i, prompt in zip(rows, row_prompts, strict=True)]
-            columns = {field: [values[i // k] for i in rows] for field, values in rollout.columns.items()}
+            columns = {column: [values[i // k] for i in rows] for column, values in rollout.columns.items()}
             completion_ids = [rollout.completions[i] for i in rows]
             return call_reward_fn(fn, row_prompts, completions, columns, completion_ids).tolist()
 

@@ -68,7 +68,7 @@ def story_bc(args) -> dict:
         path = ppo(PPOConfig(task="reviews", kl_coef=kl_coef, batch_size=16, lr=args.ppo_lr, **common(args, name)))
         metrics = read_metrics(args.out / name)
         rows[name] = {"objective/kl (last 5)": tail_mean(metrics, "objective/kl"),
-                      "objective/scores (last 5)": tail_mean(metrics, "objective/scores"),
+                      "reward (last 5)": tail_mean(metrics, "reward"),
                       "train gold (last 5)": tail_mean(metrics, "gold/reward"),
                       "eval gold": gold_at(str(path), "reviews", args, args.out / f"{name}-eval")}
     name = "grpo-reviews-rm"

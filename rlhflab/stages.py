@@ -4,6 +4,7 @@ cached artefacts), then call the one algorithm function. No training logic lives
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,8 @@ def reward_model(cfg: RewardModelConfig) -> Path:
     model_path, tokenizer, pairs = _preference_inputs(cfg)
     with data_parallel():
         model = load_scalar_model(model_path, cfg.trust_remote_code)
-        path, result = run_reward_model(cfg, model, tokenizer, pairs)
-    console.print(f"reward model: {path} (held-out pairwise accuracy {result['eval/accuracy']:.3f})")
+        path = run_reward_model(cfg, model, tokenizer, pairs)
+    console.print(f"reward model: {path}")
     return path
 
 
@@ -193,7 +194,7 @@ def _rl_inputs(cfg: Any) -> tuple[Any, dict[str, Any]]:
     None where a record lacks the field)."""
     from dataclasses import replace
 
-    from rlhflab.rewards import check_reward_weights, load_reward_fns
+    from rlhflab.algorithms.rewards import check_reward_weights, load_reward_fns
 
     task = get_task(cfg.task) if cfg.task else None
     reward_fn = load_reward_fns(cfg.reward_fn) if cfg.reward_fn else None  # a bad spec fails before any build
@@ -260,10 +261,8 @@ def dpo(cfg: Any) -> Path:
     def load_reference() -> Any:  # the reference is the starting policy, loaded only while needed
         return load_causal_lm(model_path, cfg.trust_remote_code)
 
-    task = get_task(cfg.task) if cfg.task else None
+    shared = Path(cfg.cache_dir or os.environ.get("RLHFLAB_CACHE") or Path.home() / ".cache" / "rlhflab")
     with data_parallel():
-        path, results = run_dpo(cfg, load_reference(), tokenizer, pairs, load_reference, task)
-    if "eval/rewards/accuracies" in results:
-        console.print(f"held-out implicit-reward accuracy {results['eval/rewards/accuracies']:.3f}")
+        path = run_dpo(cfg, load_reference(), tokenizer, pairs, load_reference, shared / "reference-logps")
     console.print(f"DPO policy: {path}")
     return path

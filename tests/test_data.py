@@ -18,7 +18,6 @@ from transformers import PreTrainedTokenizerFast
 from rlhflab.data.collate import (
     TokenizedExample,
     TruncationCounter,
-    collate_preference_pairs,
     collate_sequences,
     render_mask,
     tokenize_preference,
@@ -585,25 +584,6 @@ def test_language_modelling_example_trains_on_every_token_after_bos(
     tokenized = tokenize_sft(tokenizer, example, 16, 16)
     assert tokenized.prompt_ids == [tokenizer.bos_token_id]
     assert tokenized.completion_ids == [*ids(tokenizer, "the movie was great"), tokenizer.eos_token_id]
-
-
-def test_preference_pairs_collate_chosen_then_rejected(tokenizer: PreTrainedTokenizerFast) -> None:
-    pairs = [
-        tokenize_preference(tokenizer, example, 8, 8)
-        for example in from_records(
-            [
-                {"chosen": "the movie was great", "rejected": "the movie was bad"},
-                {"chosen": "hello world", "rejected": "hello there how are you"},
-            ],
-            "preference",
-        )
-    ]
-    batch = collate_preference_pairs(pairs, tokenizer.pad_token_id)
-    assert batch["num_pairs"] == 2 and batch["input_ids"].shape[0] == 4
-    assert batch["response_mask"].sum(dim=1).tolist() == [2, 2, 2, 5]
-    assert batch["num_response_tokens"] == int(batch["response_mask"].sum())
-    assert batch["input_ids"][0, 4].item() == ids(tokenizer, "great")[0]
-    assert batch["input_ids"][2, 4].item() == ids(tokenizer, "bad")[0]
 
 
 def test_conversation_without_template_names_the_example() -> None:

@@ -36,7 +36,7 @@ from rlhflab.training.metrics import read_metrics
 # deviation within each micro-batch) depend on how a step is cut into micro-batches. PPO's clip fractions count
 # tokens past a clip boundary: after the first update a token at the boundary may fall on either side under the
 # float rounding of gradients summed in another order (one token of 64 in a run here).
-UNCOMPARABLE = {"time", "tokens_per_second", "packing/efficiency", "reward_std", "policy/clip_frac", "value/clip_frac"}
+UNCOMPARABLE = {"time", "tokens_per_second", "packing/efficiency", "reward_std", "clip_ratio/region", "value/clip_frac"}
 
 # One torchrun worker: rlhflab commands one after another. Processes other than rank 0 leave a command
 # with RunContinuesOnMain when its training is done; a fault is injected into one rank only.
@@ -251,8 +251,5 @@ def test_two_processes_train_as_one(inputs, tmp_path):
         trained = load_file(two / command / "model" / "model.safetensors")
         moved = max((trained[key] - start[key]).abs().max().item() for key in start)
         assert moved > 1e-3, f"{command}: the policy did not move, so equal weights prove nothing"
-    for command in ("rm", "dpo"):
+    for command in ("rm", "dpo"):  # held-out metrics: the recipes' evaluate() on the metrics lines (no eval.json)
         _assert_same_run(one / command, two / command)
-        assert json.loads((two / command / "eval.json").read_text()) == pytest.approx(
-            json.loads((one / command / "eval.json").read_text()), rel=1e-4, abs=1e-5
-        )

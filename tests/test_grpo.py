@@ -11,8 +11,8 @@ import torch
 from helpers import PROMPTS, count_a, tiny_lm, tiny_tokenizer, without_timing
 
 from rlhflab.algorithms.grpo import GRPOConfig, GRPORecipe, run_grpo
+from rlhflab.algorithms.rewards import call_reward_fn, load_reward_fn
 from rlhflab.errors import InputError
-from rlhflab.rewards import call_reward_fn, load_reward_fn
 from rlhflab.training.metrics import read_metrics
 from rlhflab.training.precision import mixed_precision
 
@@ -284,7 +284,7 @@ def test_several_reward_functions_are_summed_with_their_weights(tmp_path):
 
 
 def test_load_several_reward_fns(tmp_path):
-    from rlhflab.rewards import load_reward_fns, reward_names
+    from rlhflab.algorithms.rewards import load_reward_fns, reward_names
 
     file = tmp_path / "r.py"
     file.write_text("def fmt(p, c):\n    return [0.0] * len(c)\n")
@@ -309,3 +309,25 @@ def test_aggregation_modes_and_reward_model(tmp_path, loss_agg, scale_rewards):
     assert mb["num_items"] == (tokens if loss_agg == "token_mean" else cfg.batch_size * cfg.group_size)
     numerator, _ = recipe.loss(mb)
     assert torch.isfinite(numerator)
+
+
+def test_a_wrong_label_shift_stops_the_run_before_any_update(tmp_path, monkeypatch):
+    """logps.mask_mismatch on the first micro-batch of packed rollouts: a packer whose tokens are 'predicted' from
+    their own positions (a bug the policy, the reference and the old log-probs would all share)."""
+    from dataclasses import replace
+
+    import rlhflab.algorithms.rollout as rollout
+    from rlhflab.diagnostics.findings import read_findings
+    from rlhflab.training.loop import TrainingStopped
+
+    pack_groups = rollout.pack_groups
+    monkeypatch.setattr(rollout, "pack_groups", lambda *a, **k: (lambda p: replace(p, logit_index=p.logit_index + 1))(
+        pack_groups(*a, **k)))
+    tokenizer = tiny_tokenizer()
+    cfg = config(tmp_path)
+    policy = tiny_lm(tokenizer)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with pytest.raises(TrainingStopped, match="logps.mask_mismatch"):
+        run_grpo(cfg, policy, tokenizer, PROMPTS, reward_fn=count_a, reference=tiny_lm(tokenizer))
+    assert [f.code for f in read_findings(tmp_path / "run" / "diagnostics.jsonl")] == ["logps.mask_mismatch"]
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())

@@ -234,3 +234,43 @@ def test_off_by_one_versions_differ_on_the_model(model):
     right = sequence_logps(logits, ids, resp)
     for wrong in (wrong_unshifted_labels(logits, ids, resp), wrong_unshifted_mask(logits, ids, resp)):
         assert (wrong - right).abs().min() > 1e-3
+
+
+# ---- logps.mask_mismatch on packed rows (DPO, reward model, PPO, GRPO) ------------------------------------
+
+GROUPS = [([1, 5, 6], [[7, 8, 2], [9, 2]]), ([1, 3], [[4, 4, 4, 2], [10, 11, 2]]), ([1], [[12, 2], [13, 14, 2]])]
+
+
+@pytest.mark.parametrize("trim", [False, True])
+@pytest.mark.parametrize("max_row_tokens", [8, 64])
+def test_packed_mask_check_passes_on_what_the_packer_builds(trim, max_row_tokens):
+    from rlhflab.core.packing import pack_groups
+    from rlhflab.diagnostics.checks import check_packed_mask
+
+    packed = pack_groups(GROUPS, max_row_tokens=max_row_tokens, pad_token_id=0, trim_final_tokens=trim)
+    assert check_packed_mask(packed, GROUPS) is None
+
+
+@pytest.mark.parametrize("corruption", ["shift forgotten", "shifted twice", "prompt token scored", "token missing"])
+def test_packed_mask_check_fires_on_a_wrong_shift_or_mask(corruption):
+    """Each corruption is one a packer or log-prob gather bug could make; each must fire logps.mask_mismatch
+    (the DPO step-0 check cannot see these when policy and reference share them)."""
+    from dataclasses import replace
+
+    from rlhflab.core.packing import pack_groups
+    from rlhflab.diagnostics.checks import check_packed_mask
+
+    packed = pack_groups(GROUPS, max_row_tokens=64, pad_token_id=0)
+    if corruption == "shift forgotten":  # each token "predicted" from its own position
+        packed = replace(packed, logit_index=packed.logit_index + 1)
+    elif corruption == "shifted twice":
+        packed = replace(packed, logit_index=packed.logit_index - 1)
+    elif corruption == "prompt token scored":  # the mask starts one token early: targets slide into the prompt
+        packed = replace(packed, target_ids=packed.input_ids.flatten()[packed.logit_index])
+    else:  # the mask ends one token early
+        keep = torch.ones_like(packed.target_ids, dtype=torch.bool)
+        keep[-1] = False
+        packed = replace(packed, **{name: getattr(packed, name)[keep] for name in
+                                    ("logit_index", "target_ids", "sequence_index", "token_position", "token_index")})
+    finding = check_packed_mask(packed, GROUPS)
+    assert finding is not None and finding.code == "logps.mask_mismatch" and finding.severity == "error"

@@ -11,9 +11,8 @@ from rlhflab.models.loading import (
     build_model,
     load_causal_lm,
     load_scalar_model,
-    sequence_scores,
-    token_scores,
 )
+from rlhflab.models.scoring import sequence_scores, token_scores
 from rlhflab.tasks import get_task
 
 BOTH_TASKS = {"tasks": ("reviews", "arithmetic"), "documents": 600}  # the tokenizers' corpus

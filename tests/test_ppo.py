@@ -47,11 +47,11 @@ def test_smoke_policy_and_value_change(tmp_path, precision):
     policy, value, metrics = run(config(tmp_path, precision=precision), use_reward_model=True)
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), policy0.parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(value.parameters(), value0.parameters(), strict=True))
-    for key in ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "policy/approx_kl",
-                "policy/clip_frac", "loss/policy", "loss/value", "value/explained_var", "kl_coef",
+    for key in ("reward", "kl", "entropy", "objective/kl", "objective/entropy", "objective/rlhf_reward", "approx_kl",
+                "clip_ratio/region", "clip_ratio/low", "clip_ratio/high", "ratio", "loss/policy", "loss/value", "value/explained_var", "kl_coef",
                 "completions/mean_length", "completions/clipped_ratio", "loss"):
         assert all(torch.isfinite(torch.tensor(float(m[key]))) for m in metrics), key
-    assert metrics[0]["objective/kl"] == 0.0  # policy == reference before the first update
+    assert metrics[0]["kl"] == metrics[0]["objective/kl"] == 0.0  # policy == reference before the first update
     assert (tmp_path / "run" / "value_model" / "model.safetensors").exists()
 
 
@@ -67,9 +67,9 @@ def test_ratio_is_exactly_one_on_the_first_update(tmp_path, precision):
         assert len(plan.updates) == recipe.updates_per_step == 4
         for mb in plan.updates[0]:
             _, metrics = recipe.loss(mb)
-            assert metrics["policy/ratio"] == 1.0
-            assert metrics["policy/approx_kl"] == 0.0 and metrics["policy/clip_frac"] == 0.0
-    assert plan.metrics["objective/kl"] == 0.0
+            assert metrics["ratio"] == 1.0
+            assert metrics["approx_kl"] == 0.0 and metrics["clip_ratio/region"] == 0.0
+    assert plan.metrics["kl"] == plan.metrics["objective/kl"] == 0.0
 
 
 def test_score_lands_on_the_last_token_and_kl_penalty_elsewhere(tmp_path):
@@ -134,3 +134,39 @@ def test_minibatches_must_split_over_processes(tmp_path, monkeypatch):
         with pytest.raises(InputError, match="multiple of 8"):
             PPORecipe(policy, value, reference, tokenizer, PROMPTS, config(tmp_path, num_minibatches=4),
                       reward_fn=count_a)
+
+
+def test_a_wrong_label_shift_stops_the_run_before_any_update(tmp_path, monkeypatch):
+    """logps.mask_mismatch on the first micro-batch of packed rollouts: a packer whose tokens are 'predicted' from
+    their own positions (a bug the policy, the reference and the old log-probs would all share)."""
+    from dataclasses import replace
+
+    import rlhflab.algorithms.rollout as rollout
+    from rlhflab.diagnostics.findings import read_findings
+    from rlhflab.training.loop import TrainingStopped
+
+    pack_groups = rollout.pack_groups
+    monkeypatch.setattr(rollout, "pack_groups", lambda *a, **k: (lambda p: replace(p, logit_index=p.logit_index + 1))(
+        pack_groups(*a, **k)))
+    tokenizer = tiny_tokenizer()
+    cfg = config(tmp_path)
+    policy, value, reference, _ = models(tokenizer)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with pytest.raises(TrainingStopped, match="logps.mask_mismatch"):
+        run_ppo(cfg, policy, value, reference, tokenizer, PROMPTS, reward_fn=count_a)
+    assert [f.code for f in read_findings(tmp_path / "run" / "diagnostics.jsonl")] == ["logps.mask_mismatch"]
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+
+
+def test_micro_batches_are_planned_everywhere_and_trained_by_their_process(monkeypatch):
+    """training.sharding: rank 1 of 2 plans all 2 × grad_accum micro-batches (their sizes normalise the loss) and
+    trains on its block, the last two; alone, one process trains on all."""
+    from rlhflab.training import distributed
+    from rlhflab.training.sharding import plan_micro_batches
+
+    assert plan_micro_batches(list(range(8)), 2) == [([0, 1, 2, 3], True), ([4, 5, 6, 7], True)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with distributed.data_parallel():
+        plan = plan_micro_batches(list(range(8)), 2)
+    assert plan == [([0, 1], False), ([2, 3], False), ([4, 5], True), ([6, 7], True)]

@@ -19,6 +19,8 @@ from rlhflab.core.kl import KL_ESTIMATORS, get_kl_estimator, kl_k1, kl_k2, kl_k3
 from rlhflab.core.policy_loss import (
     LOSS_AGGREGATIONS,
     aggregate,
+    clipped_surrogate,
+    masked_mean,
     ppo_clip_loss,
     ppo_clip_token_losses,
     sequence_level_logps,
@@ -208,7 +210,7 @@ def test_ppo_clip_loss_hand_computed():
     assert loss.item() == pytest.approx((-1.2 + 0.8 - 0.5 + 1.5) / 4)
     assert stats["clip_ratio/high"].item() == pytest.approx(0.25)
     assert stats["clip_ratio/low"].item() == pytest.approx(0.25)
-    assert stats["clip_frac"].item() == pytest.approx(0.5)
+    assert stats["clip_ratio/region"].item() == pytest.approx(0.5)
     k3 = [r - 1 - math.log(r) for r in RATIOS[:4]]  # KL(old || new) with samples from old: r = new / old
     assert stats["approx_kl"].item() == pytest.approx(sum(k3) / 4)
     loss.backward()
@@ -216,6 +218,41 @@ def test_ppo_clip_loss_hand_computed():
     torch.testing.assert_close(
         logp.grad, torch.tensor([[0.0, 0.0, -0.5 / 4, 1.5 / 4, 0.0]], dtype=torch.float64)
     )
+
+
+def test_clipped_surrogate_returns_the_token_losses_and_their_statistics_in_one_call():
+    """The one call PPO and GRPO make: its token losses are `ppo_clip_token_losses`, its statistics equal a
+    token-by-token loop over the mask (random ratios and advantages, a ragged mask, asymmetric clipping)."""
+    gen = torch.Generator().manual_seed(1)
+    old_logp = torch.randn(4, 7, generator=gen, dtype=torch.float64) - 2
+    logp = old_logp + torch.randn(4, 7, generator=gen, dtype=torch.float64) * 0.4
+    advantages = torch.randn(4, 1, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [0] * 7, [1] * 5 + [0] * 2])
+    token_losses, stats = clipped_surrogate(logp, old_logp, advantages, mask, clip_eps=0.1, clip_eps_high=0.25)
+    torch.testing.assert_close(token_losses, ppo_clip_token_losses(logp, old_logp, advantages.expand(4, 7), 0.1, 0.25))
+    low = high = region = ratio_sum = kl_sum = n = 0
+    for b in range(4):
+        for t in range(7):
+            if not mask[b, t]:
+                continue
+            r, a = math.exp(logp[b, t] - old_logp[b, t]), float(advantages[b, 0])
+            n += 1
+            low += r < 0.9 and a < 0
+            high += r > 1.25 and a > 0
+            region += max(-a * r, -a * min(max(r, 0.9), 1.25)) > -a * r
+            ratio_sum += r
+            kl_sum += r - 1 - math.log(r)  # k3 of KL(old || new): samples from old, r = new / old
+    expected = {"clip_ratio/low": low / n, "clip_ratio/high": high / n, "clip_ratio/region": region / n,
+                "ratio": ratio_sum / n, "approx_kl": kl_sum / n}
+    assert {k: v.item() for k, v in stats.items()} == pytest.approx(expected)
+    assert 0 < region < n  # the draw exercises both sides of the clip
+
+
+def test_masked_mean_counts_only_masked_tokens():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert masked_mean(x, mask).item() == pytest.approx(2.0)
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0  # nothing masked: 0, not 0/0
 
 
 def test_ppo_clip_higher():

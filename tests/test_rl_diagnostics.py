@@ -26,20 +26,24 @@ def test_zero_std_groups_fires_once_above_a_quarter_and_rearms():
     assert feed(ZeroStdGroupsMonitor(), [{"frac_reward_zero_std": 0.2}] * 30) == []
 
 
-def test_kl_runaway():
-    stream = [{"objective/kl": float(k)} for k in range(0, 30, 2)]
-    findings = feed(KLRunawayMonitor(bound=10.0), stream)
-    assert len(findings) == 1 and findings[0].code == "ppo.kl_runaway" and findings[0].step == 7
-    assert feed(KLRunawayMonitor(), [{"objective/kl": 2.0}] * 20) == []
+def test_kl_runaway_reads_the_per_token_kl():
+    stream = [{"kl": 0.04 * k} for k in range(15)]  # window-3 mean 0.04 (step - 1): above 0.3 from step 9
+    findings = feed(KLRunawayMonitor(), stream)
+    assert len(findings) == 1 and findings[0].code == "rl.kl_runaway" and findings[0].step == 9
+    assert "per token" in findings[0].message
+    assert feed(KLRunawayMonitor(), [{"kl": 0.2}] * 20) == []
+    assert feed(KLRunawayMonitor(), [{"objective/kl": 50.0}] * 20) == []  # PPO's per-completion KL is not read
 
 
 def test_policy_stuck_needs_flat_reward_no_kl_and_a_high_coefficient():
-    stuck = [{"objective/scores": 0.5, "objective/kl": 0.001, "kl_coef": 0.3}] * 12
+    stuck = [{"reward": 0.5, "kl": 0.001, "kl_coef": 0.3}] * 12
     assert [f.code for f in feed(PolicyStuckMonitor(), stuck)] == ["ppo.policy_stuck"]
     low_coef = [{**m, "kl_coef": 0.01} for m in stuck]
     assert feed(PolicyStuckMonitor(), low_coef) == []
-    learning = [{"objective/scores": 0.1 * i, "objective/kl": 0.001, "kl_coef": 0.3} for i in range(12)]
+    learning = [{"reward": 0.1 * i, "kl": 0.001, "kl_coef": 0.3} for i in range(12)]
     assert feed(PolicyStuckMonitor(), learning) == []
+    moving = [{**m, "kl": 0.01} for m in stuck]  # 0.01 nats per token: the policy has left the reference
+    assert feed(PolicyStuckMonitor(), moving) == []
 
 
 def test_entropy_collapse_and_truncation():
@@ -50,12 +54,12 @@ def test_entropy_collapse_and_truncation():
 
 
 def test_proxy_gold_divergence():
-    rising_proxy = [{"objective/scores": 0.1 * i, "gold/reward": 1.0 - 0.05 * i} for i in range(12)]
+    rising_proxy = [{"reward": 0.1 * i, "gold/reward": 1.0 - 0.05 * i} for i in range(12)]
     findings = feed(ProxyGoldDivergenceMonitor(), rising_proxy)
     assert [f.code for f in findings] == ["reward.proxy_gold_divergence"]
-    both_rise = [{"objective/scores": 0.1 * i, "gold/reward": 0.05 * i} for i in range(12)]
+    both_rise = [{"reward": 0.1 * i, "gold/reward": 0.05 * i} for i in range(12)]
     assert feed(ProxyGoldDivergenceMonitor(), both_rise) == []
-    no_gold = [{"objective/scores": 0.1 * i} for i in range(12)]
+    no_gold = [{"reward": 0.1 * i} for i in range(12)]
     assert feed(ProxyGoldDivergenceMonitor(), no_gold) == []
 
 
@@ -69,3 +73,12 @@ def test_state_round_trip_keeps_the_window():
 def test_monitor_sets():
     assert {type(m).__name__ for m in grpo_monitors(has_gold=True)} >= {"ZeroStdGroupsMonitor", "ProxyGoldDivergenceMonitor"}
     assert "KLRunawayMonitor" in {type(m).__name__ for m in ppo_monitors(has_gold=False)}
+
+
+def test_grpo_and_ppo_streams_fire_the_same_kl_runaway():
+    """One name, one meaning: the same per-token `kl` stream fires rl.kl_runaway under either algorithm's set."""
+    stream = [{"kl": 0.5, "reward": 0.1, "entropy": 1.0, "completions/clipped_ratio": 0.0, "frac_reward_zero_std": 0.0,
+               "kl_coef": 0.05}] * 5
+    for monitors in (grpo_monitors(has_gold=False), ppo_monitors(has_gold=False)):
+        codes = [f.code for m in monitors for step, metrics in enumerate(stream) for f in m.observe(step, metrics)]
+        assert codes == ["rl.kl_runaway"]

@@ -8,23 +8,21 @@ binary cross-entropy over preference pairs. Per step:
     pairs ─► pack: [ prompt | chosen | rejected ] per pair, pairs first-fit into rows ≤ max_row_tokens
           ─► reference log-probs: cache hit, or one no-grad packed forward (then cached; see reference_cache)
           ─► policy: one packed forward ─► per-pair log π(y_c|x), log π(y_r|x)   [B] each
-          ─► core.losses.dpo_loss ─► Σ losses (÷ pairs of the step, by the loop) ─► TRL's metrics
+          ─► core.losses ─► Σ losses (÷ pairs of the step, by the loop) ─► TRL's metrics
 
 The prompt is computed once per pair (chosen and rejected attend to it but not to each other,
 positions restart after it: core/packing.py) and there is no padding except at row ends (rows
 are balanced), so a pair costs |x| + |y_c| + |y_r| − 2 tokens (each response's last token is only
 a target) where a padded two-row batch costs 2 · max(|x| + |y|). The LM head runs only on the
 positions that predict a response token.
-The reference model is freed as soon as every pair the run will visit is cached.
+The reference model is freed as soon as every pair the run will visit is cached. The reference-free
+losses (`simpo`, `orpo`: core/losses.py) use no reference at all. Held-out metrics are the recipe's
+`evaluate()`, which the loop calls every `eval_every` steps and after the last.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,21 +31,23 @@ import torch
 
 from rlhflab.algorithms.reference_cache import ReferenceCache, pair_key, weights_fingerprint
 from rlhflab.config import RunConfig
-from rlhflab.core.losses import dpo_loss
-from rlhflab.core.packing import PackedBatch, pack_groups, packed_forward
-from rlhflab.data.collate import TokenizedExample
+from rlhflab.core.losses import dpo_loss, orpo_loss, simpo_loss
+from rlhflab.core.packing import PackedBatch, packed_forward
+from rlhflab.data.collate import Pair, pack_pairs, pair_groups
 from rlhflab.diagnostics.dpo import (
+    TOLERANCES,
     ChosenLogpsFallingMonitor,
     MarginExplosionMonitor,
     OverfitMonitor,
     StartCheckMonitor,
 )
 from rlhflab.diagnostics.findings import Monitor
+from rlhflab.training.checks import stop_on_mask_mismatch
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
-from rlhflab.training.loop import StepPlan, emit_finding, save_final_model, start_run, train
+from rlhflab.training.loop import StepPlan, save_final_model, start_run, train
 from rlhflab.training.precision import freeze, mixed_precision
 
-Pair = tuple[TokenizedExample, TokenizedExample]  # (chosen, rejected), same prompt ids
+REFERENCE_FREE = ("simpo", "orpo")  # loss types on the policy's length-normalised log-probs alone
 
 
 @dataclass
@@ -79,13 +79,7 @@ class DPOConfig(RunConfig):
     )  # end-of-run evaluation suite (with --task)
     eval_samples_per_prompt: int = 8
     task_size: str = "small"  # small | tiny: which cached task artefacts --task uses
-
-
-def pack_pairs(pairs: list[Pair], max_row_tokens: int, pad_token_id: int) -> PackedBatch:
-    """Pair i becomes group i = (prompt, [chosen, rejected]): sequences 2i (chosen) and 2i + 1 (rejected)."""
-    groups = [(c.prompt_ids, [c.completion_ids, r.completion_ids]) for c, r in pairs]
-    # only log-probs are needed, so each response's last token (a target, never an input) is left out
-    return pack_groups(groups, max_row_tokens, pad_token_id, trim_final_tokens=True)
+    simpo_gamma: float = 0.5  # γ of loss_type simpo: the target margin (TRL's CPOConfig.simpo_gamma)
 
 
 def pair_logps(model: torch.nn.Module, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,59 +88,43 @@ def pair_logps(model: torch.nn.Module, packed: PackedBatch) -> tuple[torch.Tenso
     return logps[0::2], logps[1::2]
 
 
-# Relative rounding of a summed log-prob between two packed layouts of the same pair (a cached
-# reference from another batch composition vs a live forward). Measured at 30M on 64 sums of
-# ~100 nats: fp32 1.6e-7, bf16 autocast 4.2e-4.
-LOGP_NOISE = {"fp32": 1e-6, "bf16": 2e-3}
-
-
 def wins(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, batch: dict[str, Any], beta: float,
-         precision: str = "fp32"):  # fmt: skip
+         precision: str = "fp32") -> torch.Tensor:  # fmt: skip
     """Pairs ranked right: β(h_c − h_r) > β·noise·(|ref_c| + |ref_r|), i.e. beyond rounding noise.
 
-    A reference cached from another batch composition can differ from a live forward by the
-    rounding in LOGP_NOISE. TRL counts any positive margin; here a margin inside that noise is a
+    A reference cached from another batch composition can differ from a live forward by the rounding
+    `TOLERANCES[precision].logp`. TRL counts any positive margin; here a margin inside that noise is a
     tie, so a policy equal to its reference scores accuracy 0 whichever way its reference was computed.
+    A reference-free loss has no reference to round: any positive margin wins.
     """
-    noise = beta * LOGP_NOISE[precision] * (batch["ref_chosen"].abs() + batch["ref_rejected"].abs()).clamp(min=1.0)
-    return (chosen_rewards - rejected_rewards) > noise
+    if "ref_chosen" not in batch:
+        return chosen_rewards > rejected_rewards
+    reference = (batch["ref_chosen"].abs() + batch["ref_rejected"].abs()).clamp(min=1.0)
+    return (chosen_rewards - rejected_rewards) > beta * TOLERANCES[precision].logp * reference
 
 
 class DPORecipe:
-    """Packed pairs, cached reference log-probs, one of TRL's DPO losses."""
+    """Packed pairs, cached reference log-probs, one of TRL's DPO losses (or a reference-free one)."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        pairs: list[Pair],
-        cfg: DPOConfig,
-        pad_token_id: int,
-        load_reference: Callable[[], torch.nn.Module],
-        eval_pairs: list[Pair] | None = None,
-        cache_dirs: list[Path] | None = None,
-    ):
-        self.model = model
-        self.pairs = pairs
-        self.eval_pairs = eval_pairs or []
-        self.cfg = cfg
-        self.pad_token_id = pad_token_id
+    def __init__(self, model: torch.nn.Module, pairs: list[Pair], cfg: DPOConfig, pad_token_id: int,
+                 load_reference: Callable[[], torch.nn.Module], eval_pairs: list[Pair] | None = None,
+                 cache_dirs: list[Path] | None = None):  # fmt: skip
+        self.model, self.pairs, self.eval_pairs = model, pairs, eval_pairs or []
+        self.cfg, self.pad_token_id, self.updates_per_step = cfg, pad_token_id, 1
         self.sampler = EpochSampler(len(pairs), cfg.seed)
-        self.updates_per_step = 1
+        self.reference_free = cfg.loss_type in REFERENCE_FREE
         self.keys = [pair_key(c.prompt_ids, c.completion_ids, r.completion_ids) for c, r in pairs]
-        self.eval_keys = [
-            pair_key(c.prompt_ids, c.completion_ids, r.completion_ids) for c, r in self.eval_pairs
-        ]
+        self.eval_keys = [pair_key(c.prompt_ids, c.completion_ids, r.completion_ids) for c, r in self.eval_pairs]
         # policy == reference at construction (before a resume loads trained weights): fingerprint it now.
-        # bf16 log-probs differ from fp32 ones by more than the ln 2 check allows: cached apart.
-        fingerprint = weights_fingerprint(model) + ("" if cfg.precision == "fp32" else f"-{cfg.precision}")
-        self.cache = ReferenceCache(
-            fingerprint, [Path(d) / f"reference-logps-{fingerprint}.json" for d in cache_dirs or []]
-        )
-        self._load_reference: Callable[[], torch.nn.Module] | None = load_reference
+        # bf16 log-probs differ from fp32 ones by more than the step-0 check allows: cached apart.
+        fingerprint = "" if self.reference_free else weights_fingerprint(model) + (
+            "" if cfg.precision == "fp32" else f"-{cfg.precision}")
+        files = [] if self.reference_free else [Path(d) / f"reference-logps-{fingerprint}.json" for d in cache_dirs or []]
+        self.cache = ReferenceCache(fingerprint, files)
+        self._load_reference = None if self.reference_free else load_reference
         self.reference: torch.nn.Module | None = None
         self._pending: set[str] | None = None  # keys the run will still visit that are not cached
-        self.num_tokens = 0  # real tokens laid out so far (TRL's cumulative `num_tokens`)
-        self._clock: tuple[float, int] | None = None  # (time, num_tokens) at this process's first step
+        self._checked_mask = False
 
     # ── reference log-probs ──────────────────────────────────────────────────────────────
     def _reference_model(self) -> torch.nn.Module:
@@ -184,70 +162,61 @@ class DPORecipe:
         self.reference = None
         self._load_reference = None
 
+    def _batch(self, pairs: list[Pair], keys: list[str]) -> dict[str, Any]:
+        """Packed pairs and, unless the loss is reference-free, their reference log-probs."""
+        packed = pack_pairs(pairs, self.cfg.max_row_tokens, self.pad_token_id, trim_final_tokens=True)
+        batch = {"packed": packed, "num_items": len(pairs)}
+        if not self.reference_free:
+            batch["ref_chosen"], batch["ref_rejected"] = self.reference_logps(keys, packed)
+        return batch
+
+    def _eval_batches(self, chunk: int = 64) -> Iterator[dict[str, Any]]:
+        for start in range(0, len(self.eval_pairs), chunk):
+            yield self._batch(self.eval_pairs[start : start + chunk], self.eval_keys[start : start + chunk])
+
     # ── one step ─────────────────────────────────────────────────────────────────────────
     def plan_step(self, step: int) -> StepPlan:
-        if self._pending is None and not self.cfg.live_reference:
+        if self._pending is None and not self.cfg.live_reference and not self.reference_free:
             self._pending = {k for k in self._future_keys(step) if k not in self.cache}
+            list(self._eval_batches())  # the held-out pairs' reference log-probs now, while the reference is loaded
             if not self._pending:
                 self.free_reference()
-        now = time.perf_counter()
-        if self._clock is None:
-            self._clock = (now, self.num_tokens)
-        elapsed, done = now - self._clock[0], self.num_tokens - self._clock[1]
-        metrics = {"tokens_per_second": done / elapsed if elapsed > 0 else 0.0}
-        if self.cfg.eval_every and step % self.cfg.eval_every == 0 and self.eval_pairs:
-            metrics |= self.heldout_metrics()
-        micro_batches = []
-        computed = 0
-        for chunk in split_micro_batches(self.sampler.take(self.cfg.batch_size), self.cfg.grad_accum):
-            packed = pack_pairs([self.pairs[i] for i in chunk], self.cfg.max_row_tokens, self.pad_token_id)
-            ref_chosen, ref_rejected = self.reference_logps([self.keys[i] for i in chunk], packed)
-            micro_batches.append(
-                {
-                    "packed": packed,
-                    "ref_chosen": ref_chosen,
-                    "ref_rejected": ref_rejected,
-                    "num_items": len(chunk),
-                }
-            )
-            self.num_tokens += packed.num_tokens
-            computed += packed.num_computed_tokens
-        metrics["num_tokens"] = float(self.num_tokens)
-        metrics["packing/efficiency"] = sum(mb["packed"].num_tokens for mb in micro_batches) / computed
-        return StepPlan([micro_batches], metrics)
+        chunks = split_micro_batches(self.sampler.take(self.cfg.batch_size), self.cfg.grad_accum)
+        micro_batches = [self._batch([self.pairs[i] for i in c], [self.keys[i] for i in c]) for c in chunks]
+        if not self._checked_mask:  # logps.mask_mismatch on the run's first micro-batch
+            self._checked_mask = True
+            stop_on_mask_mismatch(self.cfg.out, micro_batches[0]["packed"], pair_groups([self.pairs[i] for i in chunks[0]]))
+        laid_out = sum(mb["packed"].num_tokens for mb in micro_batches)
+        computed = sum(mb["packed"].num_computed_tokens for mb in micro_batches)
+        return StepPlan([micro_batches], {"packing/efficiency": laid_out / computed}, num_tokens=laid_out)
 
     def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor, batch: dict[str, Any]):
-        """dpo_loss on [B] log-probs; lengths feed ipo's length normalisation (as TRL)."""
-        lengths = batch["packed"].completion_lengths
-        return dpo_loss(
-            chosen,
-            rejected,
-            batch["ref_chosen"],
-            batch["ref_rejected"],
-            self.cfg.beta,
-            self.cfg.loss_type,
-            self.cfg.label_smoothing,
-            chosen_lengths=lengths[0::2],
-            rejected_lengths=lengths[1::2],
-        )
+        """(losses, chosen rewards, rejected rewards), [B] each, from summed log-probs [B]."""
+        cfg, lengths = self.cfg, batch["packed"].completion_lengths
+        if cfg.loss_type in REFERENCE_FREE:  # on length-normalised log-probs, no reference
+            chosen_avg, rejected_avg = chosen / lengths[0::2].clamp(min=1), rejected / lengths[1::2].clamp(min=1)
+            if cfg.loss_type == "simpo":
+                return simpo_loss(chosen_avg, rejected_avg, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
+            return orpo_loss(chosen_avg, rejected_avg, cfg.beta)
+        return dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], cfg.beta, cfg.loss_type,
+                        cfg.label_smoothing, chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2])
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = pair_logps(self.model, batch["packed"])  # [B], [B]
         losses, chosen_rewards, rejected_rewards = self.pair_losses(chosen, rejected, batch)  # [B] each
         total = losses
         metrics = {"dpo_loss": losses.mean().item()}
-        if self.cfg.sft_weight:
-            # RPO (Pang et al. 2024): + α · NLL of y_c per token, here averaged per pair.
+        sft_weight = 1.0 if self.cfg.loss_type == "orpo" else self.cfg.sft_weight
+        if sft_weight:
+            # RPO (Pang et al. 2024) and ORPO (Hong et al. 2024, eq. 6): + α · NLL of y_c per token, averaged per pair.
             nll = -chosen / batch["packed"].completion_lengths[0::2].clamp(min=1)
-            total = losses + self.cfg.sft_weight * nll
+            total = losses + sft_weight * nll
             metrics["nll_loss"] = nll.mean().item()
+        accuracy = wins(chosen_rewards, rejected_rewards, batch, self.cfg.beta, self.cfg.precision).float().mean()
         metrics |= {
             "rewards/chosen": chosen_rewards.mean().item(),
             "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": wins(chosen_rewards, rejected_rewards, batch, self.cfg.beta, self.cfg.precision)
-            .float()
-            .mean()
-            .item(),
+            "rewards/accuracies": accuracy.item(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
             "logps/chosen": chosen.mean().item(),
             "logps/rejected": rejected.mean().item(),
@@ -255,59 +224,46 @@ class DPORecipe:
         return total.sum(), metrics
 
     @torch.no_grad()
-    def heldout_metrics(self, chunk: int = 64) -> dict[str, float]:
-        """Implicit-reward accuracy and margin on the held-out pairs with the current policy."""
-        with mixed_precision(self.cfg.precision, self.model):  # as in training, also when called after it
-            return self._heldout_metrics(chunk)
-
-    def _heldout_metrics(self, chunk: int) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss, implicit rewards, accuracy and margin with the current policy (TRL's `eval/` names)."""
+        if not self.eval_pairs:
+            return {}
         was_training = self.model.training
         self.model.eval()
-        chosen_rewards, rejected_rewards, losses, won = [], [], [], []
-        for start in range(0, len(self.eval_pairs), chunk):
-            pairs = self.eval_pairs[start : start + chunk]
-            packed = pack_pairs(pairs, self.cfg.max_row_tokens, self.pad_token_id)
-            ref_chosen, ref_rejected = self.reference_logps(self.eval_keys[start : start + chunk], packed)
-            chosen, rejected = pair_logps(self.model, packed)
-            batch = {"packed": packed, "ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
-            loss, r_c, r_r = self.pair_losses(chosen, rejected, batch)
-            losses.append(loss)
-            won.append(wins(r_c, r_r, batch, self.cfg.beta, self.cfg.precision))
-            chosen_rewards.append(r_c)
-            rejected_rewards.append(r_r)
+        parts = []  # (losses, chosen rewards, rejected rewards, wins) of each chunk
+        with mixed_precision(self.cfg.precision, self.model):  # as in training, also when called after it
+            for batch in self._eval_batches():
+                loss, r_c, r_r = self.pair_losses(*pair_logps(self.model, batch["packed"]), batch)
+                parts.append((loss, r_c, r_r, wins(r_c, r_r, batch, self.cfg.beta, self.cfg.precision)))
         self.model.train(was_training)
-        r_c, r_r = torch.cat(chosen_rewards), torch.cat(rejected_rewards)
+        losses, r_c, r_r, won = (torch.cat(column) for column in zip(*parts, strict=True))
         return {
-            "eval/loss": torch.cat(losses).mean().item(),
+            "eval/loss": losses.mean().item(),
             "eval/rewards/chosen": r_c.mean().item(),
             "eval/rewards/rejected": r_r.mean().item(),
-            "eval/rewards/accuracies": torch.cat(won).float().mean().item(),
+            "eval/rewards/accuracies": won.float().mean().item(),
             "eval/rewards/margins": (r_c - r_r).mean().item(),
         }
 
     def state_dict(self) -> dict[str, Any]:
         self.cache.flush()  # the loop asks for state at every checkpoint: persist the cache with it
-        return {
-            "sampler": self.sampler.state_dict(),
-            "num_tokens": self.num_tokens,
-            "reference": self.cache.state_dict(),
-        }
+        return {"sampler": self.sampler.state_dict(), "reference": self.cache.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        self.num_tokens = int(state["num_tokens"])
         self.cache.load_state_dict(state["reference"])
 
 
 def dpo_monitors(cfg: DPOConfig) -> list[Monitor]:
-    zero = torch.zeros(1)
-    start_loss = dpo_loss(zero, zero, zero, zero, cfg.beta, cfg.loss_type, cfg.label_smoothing)[0].item()
+    """The DPO monitors; the step-0 check only where step 0 has a known loss (a reference to equal)."""
+    monitors: list[Monitor] = []
+    if cfg.loss_type not in REFERENCE_FREE:
+        zero = torch.zeros(1)
+        start_loss = dpo_loss(zero, zero, zero, zero, cfg.beta, cfg.loss_type, cfg.label_smoothing)[0].item()
+        monitors.append(StartCheckMonitor(start_loss, TOLERANCES[cfg.precision].start_loss))
     return [
-        # bf16: a reference cached from another batch composition moves the step-0 loss by ~1e-3
-        StartCheckMonitor(expected_loss=start_loss, tolerance=1e-4 if cfg.precision == "fp32" else 1e-2),
-        MarginExplosionMonitor(
-            cfg.max_margin, cfg.explosion_max_loss, cfg.explosion_min_accuracy, cfg.monitor_window
-        ),
+        *monitors,
+        MarginExplosionMonitor(cfg.max_margin, cfg.explosion_max_loss, cfg.explosion_min_accuracy, cfg.monitor_window),
         ChosenLogpsFallingMonitor(),
         OverfitMonitor(window=cfg.monitor_window),
     ]
@@ -320,90 +276,25 @@ def split_heldout(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
-def reference_cache_dirs(cfg: DPOConfig, out: Path) -> list[Path]:
-    """The run folder (resume) and, when shared, CACHE/reference-logps (other runs of the same reference)."""
-    if not cfg.share_reference_cache or cfg.live_reference:
+def reference_cache_dirs(cfg: DPOConfig, out: Path, shared: Path | None) -> list[Path]:
+    """The run folder (resume) and, when the config shares it, `shared` (other runs of the same reference)."""
+    if shared is None or not cfg.share_reference_cache or cfg.live_reference:
         return [out]
-    root = Path(cfg.cache_dir or os.environ.get("RLHFLAB_CACHE") or Path.home() / ".cache" / "rlhflab")
-    return [out, root / "reference-logps"]
+    return [out, shared]
 
 
-def run_dpo(
-    cfg: DPOConfig,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    pairs: list[Pair],
-    load_reference: Callable[[], torch.nn.Module],
-    task: Any = None,
-) -> tuple[Path, dict[str, Any]]:
-    """Train `model` (which must equal the reference at the start) on `pairs`; evaluate; save.
+def run_dpo(cfg: DPOConfig, model: torch.nn.Module, tokenizer: Any, pairs: list[Pair],
+            load_reference: Callable[[], torch.nn.Module], shared_reference_cache: Path | None = None) -> Path:
+    """Train `model` (which must equal the reference at the start) on `pairs`; save it; returns OUT/model.
 
-    `load_reference()` returns a fresh copy of the reference (the SFT model); it is called only
-    if some pair is not cached yet. With a built-in `task`, the shared evaluation suite runs on
-    the task's evaluation prompts at the end. Returns (OUT/model, eval results).
+    `load_reference()` returns a fresh copy of the reference (the SFT model); it is called only if some
+    pair is not cached yet (never for a reference-free loss). `shared_reference_cache`: a folder of
+    reference log-probs shared by runs (the stage's CACHE/reference-logps), used with share_reference_cache.
     """
     out = start_run(cfg)
     train_pairs, eval_pairs = split_heldout(pairs, cfg.eval_fraction)
-    recipe = DPORecipe(
-        model,
-        train_pairs,
-        cfg,
-        tokenizer.pad_token_id,
-        load_reference,
-        eval_pairs,
-        reference_cache_dirs(cfg, out),
-    )
-    monitors = dpo_monitors(cfg)
-    train(cfg, recipe, monitors)
-    results: dict[str, Any] = recipe.heldout_metrics() if eval_pairs else {}
+    recipe = DPORecipe(model, train_pairs, cfg, tokenizer.pad_token_id, load_reference, eval_pairs,
+                       reference_cache_dirs(cfg, out, shared_reference_cache))
+    train(cfg, recipe, dpo_monitors(cfg))
     recipe.cache.flush()
-    findings = [f for m in monitors[-1:] for f in m.observe(cfg.max_steps, {**results})]
-    for finding in findings:
-        emit_finding(out, finding)
-    _append_final_metrics(out, cfg.max_steps, results)
-    if task is not None:
-        results["suite"] = _evaluation_suite(cfg, model, tokenizer, task, load_reference)
-    (out / "eval.json").write_text(json.dumps(results, indent=1))
-    return save_final_model(model, tokenizer, out), results
-
-
-def _append_final_metrics(out: Path, step: int, metrics: dict[str, float]) -> None:
-    """The end-of-run held-out metrics as the last metrics.jsonl line (`step` = max_steps)."""
-    if not metrics:
-        return
-    path = out / "metrics.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elapsed = lines[-1]["time"] if lines else 0.0
-    row = {
-        "step": step,
-        "time": elapsed,
-        **{k: v if math.isfinite(v) else str(v) for k, v in metrics.items()},
-    }
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _evaluation_suite(
-    cfg: DPOConfig,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    task: Any,
-    load_reference: Callable[[], torch.nn.Module],
-) -> dict[str, Any]:
-    from rlhflab.evaluation.suite import EvalConfig, evaluate
-
-    eval_cfg = EvalConfig(
-        temperatures=cfg.eval_temperatures,
-        samples_per_prompt=cfg.eval_samples_per_prompt,
-        max_new_tokens=task.max_new_tokens,
-    )
-    model.eval()
-    return evaluate(
-        model,
-        tokenizer,
-        task.eval_prompts(),
-        eval_cfg,
-        gold_reward=task.gold_reward,
-        is_wellformed=task.is_wellformed,
-        reference=load_reference(),
-    )
+    return save_final_model(model, tokenizer, out)

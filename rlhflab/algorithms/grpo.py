@@ -24,34 +24,37 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlhflab.algorithms.rewards import RewardFn, reward_functions
 from rlhflab.algorithms.rollout import (
     PromptPool,
     Rollout,
     RolloutConfig,
     SamplingSettings,
-    completion_metrics,
     example_completions,
     generate,
     pack,
     policy_logps,
+    prompt_groups,
     reward_metrics,
+    rollout_metrics,
     rows_of,
     score,
+    start_rollout_run,
     step_seeds,
+    train_rollout,
 )
 from rlhflab.core.advantages import group_advantages, group_reward_std, rloo_advantages
 from rlhflab.core.kl import kl_k3
-from rlhflab.core.policy_loss import aggregate, ppo_clip_loss, ppo_clip_token_losses, sequence_level_logps
+from rlhflab.core.policy_loss import aggregate, clipped_surrogate, masked_mean, sequence_level_logps
 from rlhflab.diagnostics.rl import grpo_monitors
-from rlhflab.rewards import RewardFn, as_reward_fns, check_reward_weights
-from rlhflab.training import distributed
-from rlhflab.training.data_order import split_micro_batches
-from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
-from rlhflab.training.precision import freeze
+from rlhflab.training.checks import stop_on_mask_mismatch
+from rlhflab.training.loop import StepPlan, save_final_model
+from rlhflab.training.sharding import plan_micro_batches
 
 
 @dataclass
@@ -74,11 +77,7 @@ class GRPORecipe:
                  reward_fn: RewardFn | Sequence[RewardFn] | None = None, reward_model: torch.nn.Module | None = None,
                  reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
                  prompt_columns: dict[str, list[Any]] | None = None):
-        reward_fns = as_reward_fns(reward_fn)  # one or several, summed with cfg.reward_weights
-        if (not reward_fns) == (reward_model is None):
-            raise ValueError("give exactly one of reward_fn and reward_model")
-        if reward_fns:
-            check_reward_weights(cfg.reward_weights, len(reward_fns))  # an input error before any sampling
+        reward_fns = reward_functions(reward_fn, reward_model, cfg.reward_weights)  # summed with their weights
         if cfg.beta > 0 and reference is None:
             raise ValueError("beta > 0 needs a reference model")
         if cfg.group_size < 2:
@@ -90,6 +89,7 @@ class GRPORecipe:
         self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed, prompt_columns)
         self.settings = SamplingSettings(cfg.max_new_tokens or 32, cfg.temperature, cfg.top_p, cfg.top_k)
         self.updates_per_step = cfg.num_iterations
+        self._checked_mask = False
 
     def plan_step(self, step: int) -> StepPlan:
         cfg, k = self.cfg, self.cfg.group_size
@@ -107,13 +107,16 @@ class GRPORecipe:
             in_loss &= ~rollout.truncated
         if cfg.drop_zero_std_groups:  # DAPO's filter without the resampling: tied groups only dilute the mean
             in_loss &= (group_reward_std(rewards, k) > 1e-6).repeat_interleave(k)
-        groups_of = split_micro_batches(list(range(len(prompts))), cfg.grad_accum)  # prompts of each micro-batch
-        trained = distributed.share_indices(len(groups_of))  # the ones this process trains on (all, alone)
-        micro_batches = [self._micro_batch(rollout, groups, advantages, in_loss, with_forwards=i in trained)
-                         for i, groups in enumerate(groups_of)]
-        metrics = {**self._rollout_metrics(rollout, rewards), **reward_metrics(parts)}
+        plan = plan_micro_batches(list(range(len(prompts))), cfg.grad_accum)  # prompts of each micro-batch
+        micro_batches = [self._micro_batch(rollout, groups, advantages, in_loss, with_forwards=mine)
+                         for groups, mine in plan]
+        if not self._checked_mask:  # logps.mask_mismatch on the run's first micro-batch
+            self._checked_mask = True
+            stop_on_mask_mismatch(cfg.out, micro_batches[0]["packed"], prompt_groups(rollout, plan[0][0]))
+        metrics = {**rollout_metrics(rollout, rewards, self.gold_fn), **reward_metrics(parts)}
         samples = example_completions(rollout, rewards, cfg.log_completions, advantage=advantages)
-        return StepPlan([micro_batches] * cfg.num_iterations, metrics, samples)
+        num_tokens = sum(mb["packed"].num_tokens for mb in micro_batches)
+        return StepPlan([micro_batches] * cfg.num_iterations, metrics, samples, num_tokens)
 
     @torch.no_grad()
     def _micro_batch(self, rollout: Rollout, groups: list[int], advantages: torch.Tensor, in_loss: torch.Tensor,
@@ -145,36 +148,16 @@ class GRPORecipe:
         ratio_logps = logps  # whose ratio to old_logps is clipped: each token's, or (GSPO) its sequence's
         if cfg.importance_sampling_level == "sequence":
             ratio_logps = sequence_level_logps(logps, old_logps, mask)
-        token_losses = ppo_clip_token_losses(ratio_logps, old_logps, advantages, cfg.clip_eps, cfg.clip_eps_high)
-        metrics = {}
+        token_losses, stats = clipped_surrogate(ratio_logps, old_logps, advantages, mask, cfg.clip_eps,
+                                                cfg.clip_eps_high)
+        metrics = {name: value.item() for name, value in stats.items()}
         if cfg.beta > 0:
             kl = kl_k3(logps, mb["ref_logps"])  # DeepSeekMath eq. 4
             token_losses = token_losses + cfg.beta * kl
-            metrics["kl"] = _masked_mean(kl.detach(), mask)
+            metrics["kl"] = masked_mean(kl.detach(), mask).item()
+        metrics["entropy"] = masked_mean(entropy.detach(), mask).item()
         numerator, _ = aggregate(token_losses, mask, cfg.loss_agg, self.settings.max_new_tokens, return_parts=True)
-        _, stats = ppo_clip_loss(ratio_logps.detach(), old_logps, advantages, mask, cfg.clip_eps, cfg.clip_eps_high)
-        metrics.update({
-            "entropy": _masked_mean(entropy.detach(), mask),
-            "clip_ratio/low": stats["clip_ratio/low"].item(),
-            "clip_ratio/high": stats["clip_ratio/high"].item(),
-            "clip_ratio/region": stats["clip_frac"].item(),
-            "ratio": _masked_mean(torch.exp(ratio_logps.detach() - old_logps), mask),
-        })  # fmt: skip
         return numerator, metrics
-
-    def _rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
-        """TRL's names: `reward` (batch mean), `reward_std` (mean within-group std), `frac_reward_zero_std`."""
-        group_std = group_reward_std(rewards, rollout.group_size)  # [B]
-        metrics = {
-            "reward": rewards.mean().item(),
-            "reward_std": group_std.mean().item(),
-            "frac_reward_zero_std": (group_std < 1e-6).float().mean().item(),
-            **completion_metrics(rollout),
-            "num_tokens": float(sum(len(c) for c in rollout.completions)),
-        }
-        if self.gold_fn is not None:  # log the truth beside the proxy: reward.proxy_gold_divergence reads both
-            metrics["gold/reward"] = sum(self.gold_fn(rollout.row_prompts(), rollout.texts)) / len(rollout.texts)
-        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"prompts": self.pool.sampler.state_dict()}  # sampling is seeded by the step: no state
@@ -183,24 +166,15 @@ class GRPORecipe:
         self.pool.sampler.load_state_dict(state["prompts"])
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return ((x * mask).sum() / mask.sum().clamp(min=1)).item()
-
-
 def run_grpo(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], *,
              reward_fn: RewardFn | Sequence[RewardFn] | None = None, reward_model: torch.nn.Module | None = None,
              reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
-             prompt_columns: dict[str, list[Any]] | None = None):
+             prompt_columns: dict[str, list[Any]] | None = None) -> Path:
     """Train `policy` with GRPO into `cfg.out`; returns the saved model folder.
 
     `prompt_columns`: the prompt data's other fields ({name: one value per prompt}), for the reward function."""
-    out = start_run(cfg)
-    for frozen in (reward_model, reference):
-        if frozen is not None:
-            freeze(frozen, cfg.precision)
+    out = start_rollout_run(cfg, reward_model, reference)
     recipe = GRPORecipe(policy, tokenizer, prompts, cfg, reward_fn=reward_fn, reward_model=reward_model,
                         reference=reference, gold_fn=gold_fn, prompt_columns=prompt_columns)
-    if recipe.pool.truncation_warning:
-        console.print(f"[yellow]warning:[/] {recipe.pool.truncation_warning}")
-    train(cfg, recipe, monitors=grpo_monitors(has_gold=gold_fn is not None))
+    train_rollout(cfg, recipe, grpo_monitors(has_gold=gold_fn is not None))
     return save_final_model(policy, tokenizer, out)

@@ -22,42 +22,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlhflab.algorithms.rewards import RewardFn, reward_functions
 from rlhflab.algorithms.rollout import (
     PromptPool,
     RolloutConfig,
     SamplingSettings,
-    completion_metrics,
     example_completions,
     generate,
     pack,
     packed_values,
     policy_logps,
+    prompt_groups,
     reward_metrics,
+    rollout_metrics,
     rows_of,
     score,
+    start_rollout_run,
     step_seeds,
+    train_rollout,
 )
 from rlhflab.core.advantages import gae, whiten
 from rlhflab.core.kl import get_kl_estimator
 from rlhflab.core.packing import completion_mask
-from rlhflab.core.policy_loss import (
-    aggregate,
-    ppo_clip_loss,
-    ppo_clip_token_losses,
-    value_loss,
-    value_token_losses,
-)
+from rlhflab.core.policy_loss import aggregate, clipped_surrogate, clipped_value, masked_mean
 from rlhflab.diagnostics.rl import ppo_monitors
-from rlhflab.errors import InputError
-from rlhflab.rewards import RewardFn, as_reward_fns, check_reward_weights
-from rlhflab.training import distributed
-from rlhflab.training.data_order import chunks, split_micro_batches
-from rlhflab.training.loop import StepPlan, console, save_final_model, start_run, train
-from rlhflab.training.precision import freeze
+from rlhflab.training.checks import stop_on_mask_mismatch
+from rlhflab.training.data_order import chunks
+from rlhflab.training.loop import StepPlan, save_final_model
+from rlhflab.training.sharding import assemble_rows, check_divisible, plan_micro_batches
 
 
 @dataclass
@@ -99,11 +96,7 @@ class PPORecipe:
                  tokenizer: Any, prompts: list[Any], cfg: PPOConfig, *,
                  reward_fn: RewardFn | Sequence[RewardFn] | None = None, reward_model: torch.nn.Module | None = None,
                  gold_fn: RewardFn | None = None, prompt_columns: dict[str, list[Any]] | None = None):
-        reward_fns = as_reward_fns(reward_fn)  # one or several, summed with cfg.reward_weights
-        if (not reward_fns) == (reward_model is None):
-            raise ValueError("give exactly one of reward_fn and reward_model")
-        if reward_fns:
-            check_reward_weights(cfg.reward_weights, len(reward_fns))  # an input error before any sampling
+        reward_fns = reward_functions(reward_fn, reward_model, cfg.reward_weights)  # summed with their weights
         self.policy, self.value_model, self.reference = policy, value_model, reference
         self.model = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # everything the optimizer trains
         self.tokenizer, self.cfg = tokenizer, cfg
@@ -114,12 +107,10 @@ class PPORecipe:
         self.shuffle = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch order
         self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl if cfg.adaptive_kl else None, cfg.kl_horizon)
         self.updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
-        world = distributed.world_size()
-        if world > 1 and cfg.batch_size % (cfg.num_minibatches * cfg.grad_accum * world):
-            raise InputError(
-                f"with {world} processes each of the {cfg.num_minibatches} minibatches must split into grad_accum "
-                f"({cfg.grad_accum}) equal micro-batches per process: make batch_size a multiple of "
-                f"{cfg.num_minibatches * cfg.grad_accum * world}", field="batch_size")
+        self._checked_mask = False
+        check_divisible(cfg.batch_size, cfg.num_minibatches * cfg.grad_accum,
+                        f"each of the {cfg.num_minibatches} minibatches must split into grad_accum ({cfg.grad_accum}) "
+                        "equal micro-batches per process")
 
     def plan_step(self, step: int) -> StepPlan:
         cfg = self.cfg
@@ -132,23 +123,21 @@ class PPORecipe:
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * rollout.truncated.float()
         order = torch.randperm(len(prompts), generator=self.shuffle).tolist()
-        minibatches = []
-        for mb_groups in chunks(order, cfg.num_minibatches):
-            groups_of = split_micro_batches(mb_groups, cfg.grad_accum)  # prompts of each micro-batch
-            trained = distributed.share_indices(len(groups_of))  # the ones this process trains on (all, alone)
-            minibatches.append([self._micro_batch(rollout, groups, with_forwards=i in trained)
-                                for i, groups in enumerate(groups_of)])
-        metrics = self._advantages(minibatches, scores, rollout.lengths().long())
-        metrics.update(completion_metrics(rollout))
-        metrics.update(reward_metrics(parts))
-        if self.gold_fn is not None:  # the truth beside the proxy, for reward.proxy_gold_divergence
-            metrics["gold/reward"] = sum(self.gold_fn(rollout.row_prompts(), rollout.texts)) / len(rollout.texts)
+        plans = [plan_micro_batches(mb_groups, cfg.grad_accum) for mb_groups in chunks(order, cfg.num_minibatches)]
+        minibatches = [[self._micro_batch(rollout, groups, with_forwards=mine) for groups, mine in plan]
+                       for plan in plans]
+        if not self._checked_mask:  # logps.mask_mismatch on the run's first micro-batch
+            self._checked_mask = True
+            stop_on_mask_mismatch(cfg.out, minibatches[0][0]["packed"], prompt_groups(rollout, plans[0][0][0]))
+        metrics = {**rollout_metrics(rollout, scores, self.gold_fn), **reward_metrics(parts)}
+        metrics.update(self._advantages(minibatches, scores, rollout.lengths().long()))
         updates = []
         for _ in range(cfg.ppo_epochs):
             visit = torch.randperm(len(minibatches), generator=self.shuffle).tolist() if updates else range(len(minibatches))
             updates += [minibatches[i] for i in visit]
         self.kl_ctl.update(metrics["objective/kl"], len(rollout.completions))
-        return StepPlan(updates, metrics, example_completions(rollout, scores, cfg.log_completions))
+        num_tokens = sum(mb["packed"].num_tokens for minibatch in minibatches for mb in minibatch)
+        return StepPlan(updates, metrics, example_completions(rollout, scores, cfg.log_completions), num_tokens)
 
     @torch.no_grad()
     def _micro_batch(self, rollout, groups: list[int], with_forwards: bool) -> dict[str, Any]:
@@ -168,19 +157,15 @@ class PPORecipe:
     def _advantages(self, minibatches: list[list[dict[str, Any]]], scores: torch.Tensor,
                     lengths: torch.Tensor) -> dict[str, float]:
         """Per-token rewards, GAE and whitening over the whole rollout batch; stores advantages and returns
-        in each micro-batch; returns the rollout metrics (TRL's `objective/*` names)."""
+        in each micro-batch; returns the rollout metrics (`kl`, and TRL PPO's `objective/*`, `value/*`)."""
         micro = [mb for minibatch in minibatches for mb in minibatch]
         n, width = len(scores), int(lengths.max())
-        full = {key: torch.zeros(n, width) for key in ("old_logps", "ref_logps", "old_values")}
         mask = torch.zeros(n, width, dtype=torch.bool)
-        for mb in micro:  # scatter each micro-batch's [n_mb, T_mb] rows into the batch's [N, T]
-            t = mb["mask"].shape[1]
-            mask[mb["rows"], :t] = mb["mask"]
-            for key in full:
-                if key in mb:  # its forwards ran in this process
-                    full[key][mb["rows"], :t] = mb[key]
-        for key in full:  # under torchrun: each process filled the rows of its micro-batches, zeros elsewhere
-            distributed.all_reduce_tensor(full[key])
+        for mb in micro:  # each micro-batch's [n_mb, T_mb] rows into the batch's [N, T]
+            mask[mb["rows"], : mb["mask"].shape[1]] = mb["mask"]
+        # each process ran the forwards of its micro-batches: the whole batch's, summed over processes
+        full = {key: assemble_rows(n, width, [(mb["rows"], mb[key]) for mb in micro if key in mb])
+                for key in ("old_logps", "ref_logps", "old_values")}
         kl = self.kl_estimator(full["old_logps"], full["ref_logps"]) * mask  # [N, T]
         beta = self.kl_ctl.value
         rewards = -beta * kl
@@ -197,8 +182,8 @@ class PPORecipe:
         kl_sum = kl.sum(1)
         residual = (returns - full["old_values"])[mask]
         return {
-            "objective/scores": scores.mean().item(),
-            "objective/kl": kl_sum.mean().item(),
+            "kl": masked_mean(kl, mask).item(),  # per token, as GRPO's; the adaptive controller reads objective/kl
+            "objective/kl": kl_sum.mean().item(),  # per completion (TRL PPO's)
             "objective/entropy": (-full["old_logps"] * mask).sum(1).mean().item(),  # sampled NLL, TRL's estimate
             "objective/non_score_reward": (-beta * kl_sum).mean().item(),
             "objective/rlhf_reward": (scores - beta * kl_sum).mean().item(),
@@ -210,22 +195,13 @@ class PPORecipe:
         cfg, mask = self.cfg, mb["mask"]
         logps, _, entropy = policy_logps(self.policy, mb["packed"], cfg.temperature, with_entropy=True)  # [n, T]
         values = packed_values(self.value_model, mb["packed"])  # [n, T]
-        pg = ppo_clip_token_losses(logps, mb["old_logps"], mb["advantages"], cfg.clip_eps)
-        vf = value_token_losses(values, mb["old_values"], mb["returns"], cfg.clip_value)
+        pg, stats = clipped_surrogate(logps, mb["old_logps"], mb["advantages"], mask, cfg.clip_eps)
+        vf, vf_stats = clipped_value(values, mb["old_values"], mb["returns"], mask, cfg.clip_value)
         numerator, _ = aggregate(pg + cfg.vf_coef * vf, mask, "token_mean", return_parts=True)
-        with torch.no_grad():
-            pg_loss, stats = ppo_clip_loss(logps, mb["old_logps"], mb["advantages"], mask, cfg.clip_eps)
-            vf_loss, vf_stats = value_loss(values, mb["old_values"], mb["returns"], mask, cfg.clip_value)
-            m = mask.float()
-            metrics = {
-                "policy/approx_kl": stats["approx_kl"].item(),
-                "policy/clip_frac": stats["clip_frac"].item(),
-                "policy/ratio": ((torch.exp(logps - mb["old_logps"]) * m).sum() / m.sum()).item(),
-                "loss/policy": pg_loss.item(),
-                "loss/value": vf_loss.item(),
-                "value/clip_frac": vf_stats["value/clip_frac"].item(),
-                "entropy": ((entropy * m).sum() / m.sum()).item(),
-            }
+        metrics = {name: value.item() for name, value in {**stats, **vf_stats}.items()}
+        metrics["loss/policy"] = aggregate(pg.detach(), mask).item()
+        metrics["loss/value"] = aggregate(vf.detach(), mask).item()
+        metrics["entropy"] = masked_mean(entropy.detach(), mask).item()
         return numerator, metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -241,18 +217,13 @@ class PPORecipe:
 def run_ppo(cfg: PPOConfig, policy: torch.nn.Module, value_model: torch.nn.Module, reference: torch.nn.Module,
             tokenizer: Any, prompts: list[Any], *, reward_fn: RewardFn | Sequence[RewardFn] | None = None,
             reward_model: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
-            prompt_columns: dict[str, list[Any]] | None = None):
+            prompt_columns: dict[str, list[Any]] | None = None) -> Path:
     """Train `policy` (and `value_model`) with PPO into `cfg.out`; returns the saved policy folder.
 
     `prompt_columns`: the prompt data's other fields ({name: one value per prompt}), for the reward function."""
-    out = start_run(cfg)
-    for frozen in (reward_model, reference):
-        if frozen is not None:
-            freeze(frozen, cfg.precision)
+    out = start_rollout_run(cfg, reward_model, reference)
     recipe = PPORecipe(policy, value_model, reference, tokenizer, prompts, cfg, reward_fn=reward_fn,
                        reward_model=reward_model, gold_fn=gold_fn, prompt_columns=prompt_columns)
-    if recipe.pool.truncation_warning:
-        console.print(f"[yellow]warning:[/] {recipe.pool.truncation_warning}")
-    train(cfg, recipe, monitors=ppo_monitors(has_gold=gold_fn is not None))
+    train_rollout(cfg, recipe, ppo_monitors(has_gold=gold_fn is not None))
     value_model.save_pretrained(out / "value_model", safe_serialization=True)
     return save_final_model(policy, tokenizer, out)

@@ -6,27 +6,27 @@
 
 The model is the policy's backbone with a scalar head (`AutoModelForSequenceClassification`),
 so it shares the tokenizer and loads straight back into transformers; the pooling is saved in its
-config (`score_pooling`) and every scorer in rlhflab reads it (`models.loading.sequence_scores`
-scores padded batches the same way, to float rounding: tested).
+config (`score_pooling`) and every scorer in rlhflab reads it (`models.scoring.reward_model_scores`
+scores padded batches the same way, to float rounding: tested). Held-out pairwise accuracy is the
+recipe's `evaluate()`, which the loop calls (`eval/accuracy`, `eval/margin` on the metrics line).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhflab.config import RunConfig
 from rlhflab.core.losses import bradley_terry_loss
-from rlhflab.core.packing import PackedBatch, mask_for, pack_groups, to_padded
-from rlhflab.data.collate import TokenizedExample
-from rlhflab.models.loading import pool_scores, score_pooling, token_scores
+from rlhflab.core.packing import PackedBatch, mask_for, to_padded
+from rlhflab.data.collate import Pair, pack_pairs, pair_groups
+from rlhflab.models.scoring import pool_scores, score_pooling, token_scores
+from rlhflab.training.checks import stop_on_mask_mismatch
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
 from rlhflab.training.loop import StepPlan, save_final_model, start_run, train
-
-Pair = tuple[TokenizedExample, TokenizedExample]  # (chosen, rejected), same prompt
 
 
 @dataclass
@@ -47,12 +47,6 @@ class RewardModelConfig(RunConfig):
     eval_fraction: float = 0.1  # held-out share of the pairs, for pairwise accuracy
 
 
-def pack_pairs(pairs: list[Pair], pad_token_id: int, max_row_tokens: int = 256) -> PackedBatch:
-    """Pair i becomes group i = (prompt, [chosen, rejected]): sequences 2i and 2i + 1."""
-    return pack_groups([(c.prompt_ids, [c.completion_ids, r.completion_ids]) for c, r in pairs], max_row_tokens,
-                       pad_token_id)
-
-
 def pair_scores(model: torch.nn.Module, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """r(x, y_c), r(x, y_r) of each packed pair: [B] each, pooled as `score_pooling(model)` says."""
     scores = token_scores(model, packed.input_ids, mask_for(model, packed), packed.position_ids).reshape(-1)  # [R*L]
@@ -61,33 +55,26 @@ def pair_scores(model: torch.nn.Module, packed: PackedBatch) -> tuple[torch.Tens
     return rewards[0::2], rewards[1::2]
 
 
-@torch.no_grad()
-def score_pairs(model: torch.nn.Module, pairs: list[Pair], pad_token_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Reward margins r_c − r_r of each pair: [N]."""
-    model.eval()
-    margins = []
-    for start in range(0, len(pairs), batch_size):
-        chosen, rejected = pair_scores(model, pack_pairs(pairs[start : start + batch_size], pad_token_id))
-        margins.append(chosen - rejected)
-    return torch.cat(margins) if margins else torch.zeros(0)
-
-
 class RewardModelRecipe:
-    def __init__(self, model: torch.nn.Module, pairs: list[Pair], cfg: RewardModelConfig, pad_token_id: int):
+    def __init__(self, model: torch.nn.Module, pairs: list[Pair], cfg: RewardModelConfig, pad_token_id: int,
+                 eval_pairs: list[Pair] | None = None):
         self.model = model
         self.pairs = pairs
+        self.eval_pairs = eval_pairs or []
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         self.sampler = EpochSampler(len(pairs), cfg.seed)
         self.updates_per_step = 1
+        self._checked_mask = False
 
     def plan_step(self, step: int) -> StepPlan:
-        indices = self.sampler.take(self.cfg.batch_size)
-        micro_batches = []
-        for chunk in split_micro_batches(indices, self.cfg.grad_accum):
-            packed = pack_pairs([self.pairs[i] for i in chunk], self.pad_token_id, self.cfg.max_row_tokens)
-            micro_batches.append({"packed": packed, "num_items": len(chunk)})
-        return StepPlan([micro_batches])
+        chunks = split_micro_batches(self.sampler.take(self.cfg.batch_size), self.cfg.grad_accum)
+        micro_batches = [{"packed": pack_pairs([self.pairs[i] for i in c], self.cfg.max_row_tokens, self.pad_token_id),
+                          "num_items": len(c)} for c in chunks]
+        if not self._checked_mask:  # logps.mask_mismatch on the run's first micro-batch
+            self._checked_mask = True
+            stop_on_mask_mismatch(self.cfg.out, micro_batches[0]["packed"], pair_groups([self.pairs[i] for i in chunks[0]]))
+        return StepPlan([micro_batches], num_tokens=sum(mb["packed"].num_tokens for mb in micro_batches))
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = pair_scores(self.model, batch["packed"])
@@ -104,6 +91,23 @@ class RewardModelRecipe:
             }
         return losses.sum(), metrics
 
+    @torch.no_grad()
+    def evaluate(self, chunk: int = 64) -> dict[str, float]:
+        """Held-out pairwise accuracy (r_c > r_r) and mean margin r_c − r_r with the current model."""
+        if not self.eval_pairs:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        margins = []
+        for start in range(0, len(self.eval_pairs), chunk):
+            # rows of up to 256 tokens: no gradients to hold, so longer rows than in training
+            packed = pack_pairs(self.eval_pairs[start : start + chunk], 256, self.pad_token_id)
+            chosen, rejected = pair_scores(self.model, packed)
+            margins.append(chosen - rejected)
+        self.model.train(was_training)
+        margin = torch.cat(margins)
+        return {"eval/accuracy": (margin > 0).float().mean().item(), "eval/margin": margin.mean().item()}
+
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}
 
@@ -111,9 +115,9 @@ class RewardModelRecipe:
         self.sampler.load_state_dict(state["sampler"])
 
 
-def run_reward_model(cfg: RewardModelConfig, model: torch.nn.Module, tokenizer: Any, pairs: list[Pair]):
-    """Train on all but `eval_fraction` of the pairs; write held-out accuracy to eval.json; save the model."""
-    out = start_run(cfg)
+def run_reward_model(cfg: RewardModelConfig, model: torch.nn.Module, tokenizer: Any, pairs: list[Pair]) -> Path:
+    """Train on all but `eval_fraction` of the pairs; save the model. Held-out accuracy: `evaluate()`."""
+    start_run(cfg)
     model.config.score_pooling = cfg.pooling  # saved with the model: every scorer pools the same way
     if not model.score.weight.any():
         # A zero head passes no gradient to the backbone (∂loss/∂hidden = w) until the head itself has grown:
@@ -122,14 +126,7 @@ def run_reward_model(cfg: RewardModelConfig, model: torch.nn.Module, tokenizer: 
         with torch.no_grad():
             model.score.weight.normal_(0.0, model.score.weight.shape[-1] ** -0.5, generator=generator)
     n_eval = max(1, int(len(pairs) * cfg.eval_fraction)) if len(pairs) > 1 else 0
-    train_pairs, eval_pairs = pairs[n_eval:], pairs[:n_eval]
-    train(cfg, RewardModelRecipe(model, train_pairs, cfg, tokenizer.pad_token_id))
-    margins = score_pairs(model, eval_pairs, tokenizer.pad_token_id)
-    result = {
-        "eval/accuracy": (margins > 0).float().mean().item() if len(margins) else float("nan"),
-        "eval/margin": margins.mean().item() if len(margins) else float("nan"),
-        "eval/num_pairs": len(eval_pairs),
-    }
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    recipe = RewardModelRecipe(model, pairs[n_eval:], cfg, tokenizer.pad_token_id, pairs[:n_eval])
+    train(cfg, recipe)
     model.config.architectures = [type(model).__name__]
-    return save_final_model(model, tokenizer, out), result
+    return save_final_model(model, tokenizer, cfg.out)

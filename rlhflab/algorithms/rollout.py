@@ -14,12 +14,15 @@ generated token is column 0), `mask` is True on real tokens, EOS included. That 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from rlhflab.algorithms.rewards import RewardFn, call_reward_fn, check_reward_weights, reward_names
 from rlhflab.config import RunConfig
+from rlhflab.core.advantages import group_reward_std
 from rlhflab.core.packing import (
     PackedBatch,
     check_attention_implementation,
@@ -30,10 +33,12 @@ from rlhflab.core.packing import (
 )
 from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TruncationCounter, tokenize_prompt
-from rlhflab.models.loading import token_scores
-from rlhflab.rewards import RewardFn, call_reward_fn, check_reward_weights, reward_model_scores, reward_names
-from rlhflab.training import distributed
+from rlhflab.diagnostics.findings import Monitor
+from rlhflab.models.scoring import reward_model_scores, token_scores
 from rlhflab.training.data_order import EpochSampler
+from rlhflab.training.loop import console, start_run, train
+from rlhflab.training.precision import freeze
+from rlhflab.training.sharding import shared_work
 
 
 @dataclass
@@ -128,14 +133,18 @@ def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt
     samples its block of the prompts and receives the other blocks, so every process holds the
     whole rollout: the one a single process samples, up to float rounding of the logits.
     """
-    mine = distributed.share_indices(len(prompts))
-    samples = sample(
-        policy, [prompt_ids[i] for i in mine], num_samples=group_size, max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=[seeds[i] for i in mine],
-    )  # fmt: skip
-    completions = distributed.all_gather(samples.completions())  # rank order is prompt order
-    truncated = torch.tensor(distributed.all_gather(samples.truncated.tolist()), dtype=torch.bool)
+
+    def sample_rows(mine: list[int]) -> list[tuple[list[int], bool]]:  # (completion, truncated) of each row
+        samples = sample(
+            policy, [prompt_ids[i] for i in mine], num_samples=group_size, max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=[seeds[i] for i in mine],
+        )  # fmt: skip
+        return list(zip(samples.completions(), samples.truncated.tolist(), strict=True))
+
+    rows = shared_work(len(prompts), sample_rows)  # every process samples its block of prompts
+    completions = [completion for completion, _ in rows]
+    truncated = torch.tensor([cut for _, cut in rows], dtype=torch.bool)
     eos = tokenizer.eos_token_id
     texts = [tokenizer.decode([t for t in c if t != eos]) for c in completions]
     return Rollout(prompts, prompt_ids, completions, texts, truncated, group_size, columns or {})
@@ -150,32 +159,41 @@ def score(rollout: Rollout, reward_fns: list[RewardFn] | None, reward_model: tor
     scores the rows of the prompts it sampled and receives the others'.
     """
     assert (not reward_fns) != (reward_model is None), "give reward functions or a reward model"
-    rows = rows_of(distributed.share_indices(len(rollout.prompts)), rollout.group_size).tolist()
+    k = rollout.group_size
     if reward_model is not None:
-        row_ids = [rollout.prompt_ids[i // rollout.group_size] for i in rows]
-        mine = reward_model_scores(reward_model, row_ids, [rollout.completions[i] for i in rows], pad_token_id)
-        return torch.tensor(distributed.all_gather(mine.tolist()), dtype=torch.float32), {}  # [N]
-    row_prompts = [rollout.prompts[i // rollout.group_size] for i in rows]
-    # a conversation's completion is one assistant message, as TRL passes it
-    completions = [[{"role": "assistant", "content": rollout.texts[i]}] if isinstance(prompt, list)
-                   else rollout.texts[i] for i, prompt in zip(rows, row_prompts, strict=True)]
-    columns = {name: [values[i // rollout.group_size] for i in rows] for name, values in rollout.columns.items()}
-    completion_ids = [rollout.completions[i] for i in rows]
+        def model_scores(mine: list[int]) -> list[float]:
+            rows = rows_of(mine, k).tolist()
+            row_ids = [rollout.prompt_ids[i // k] for i in rows]
+            completions = [rollout.completions[i] for i in rows]
+            return reward_model_scores(reward_model, row_ids, completions, pad_token_id).tolist()
+
+        return torch.tensor(shared_work(len(rollout.prompts), model_scores), dtype=torch.float32), {}  # [N]
     parts = {}
     for name, fn in zip(reward_names(reward_fns), reward_fns, strict=True):
-        mine = call_reward_fn(fn, row_prompts, completions, columns, completion_ids)
-        parts[name] = torch.tensor(distributed.all_gather(mine.tolist()), dtype=torch.float32)  # [N]
+        def fn_scores(mine: list[int], fn: RewardFn = fn) -> list[float]:
+            rows = rows_of(mine, k).tolist()
+            row_prompts = [rollout.prompts[i // k] for i in rows]
+            # a conversation's completion is one assistant message, as TRL passes it
+            completions = [[{"role": "assistant", "content": rollout.texts[i]}] if isinstance(prompt, list)
+                           else rollout.texts[i] for i, prompt in zip(rows, row_prompts, strict=True)]
+            columns = {column: [values[i // k] for i in rows] for column, values in rollout.columns.items()}
+            completion_ids = [rollout.completions[i] for i in rows]
+            return call_reward_fn(fn, row_prompts, completions, columns, completion_ids).tolist()
+
+        parts[name] = torch.tensor(shared_work(len(rollout.prompts), fn_scores), dtype=torch.float32)  # [N]
     weights = check_reward_weights(weights, len(reward_fns))
     return sum(w * part for w, part in zip(weights, parts.values(), strict=True)), parts
 
 
 def pack(rollout: Rollout, groups: list[int], pad_token_id: int, max_row_tokens: int) -> PackedBatch:
     """Pack the prompts `groups` with their k completions each; sequence order = rollout row order."""
+    return pack_groups(prompt_groups(rollout, groups), max_row_tokens=max_row_tokens, pad_token_id=pad_token_id)
+
+
+def prompt_groups(rollout: Rollout, groups: list[int]) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt ids, its k completions) of each of the prompts `groups`: what `pack` lays out."""
     k = rollout.group_size
-    return pack_groups(
-        [(rollout.prompt_ids[g], rollout.completions[g * k : (g + 1) * k]) for g in groups],
-        max_row_tokens=max_row_tokens, pad_token_id=pad_token_id,
-    )  # fmt: skip
+    return [(rollout.prompt_ids[g], rollout.completions[g * k : (g + 1) * k]) for g in groups]
 
 
 def rows_of(groups: list[int], group_size: int) -> torch.Tensor:
@@ -215,6 +233,42 @@ def example_completions(rollout: Rollout, rewards: torch.Tensor, count: int,
          **{name: float(values[i]) for name, values in per_row.items()}}
         for i in range(min(count, len(rollout.completions)))
     ]  # fmt: skip
+
+
+def start_rollout_run(cfg: RunConfig, *frozen: torch.nn.Module | None) -> Path:
+    """`start_run`, and the frozen models (reference, reward model; None where absent) made read-only."""
+    out = start_run(cfg)
+    for model in frozen:
+        if model is not None:
+            freeze(model, cfg.precision)
+    return out
+
+
+def train_rollout(cfg: RunConfig, recipe: Any, monitors: list[Monitor]) -> None:
+    """`train`, after the one warning about prompts cut to max_prompt_tokens."""
+    if recipe.pool.truncation_warning:
+        console.print(f"[yellow]warning:[/] {recipe.pool.truncation_warning}")
+    train(cfg, recipe, monitors)
+
+
+def rollout_metrics(rollout: Rollout, rewards: torch.Tensor, gold_fn: RewardFn | None) -> dict[str, float]:
+    """The rollout metrics PPO and GRPO share, TRL GRPO's names (one meaning each; docs/notes_rl.md):
+
+    reward                 mean over the batch's completions of the reward their advantages come from
+    reward_std             mean over prompts of the rewards' std within the prompt's group (group_size > 1)
+    frac_reward_zero_std   share of groups whose rewards all tie (group_size > 1)
+    completions/*          `completion_metrics`
+    gold/reward            mean gold reward (the task's truth beside the proxy), when there is one
+    """
+    metrics = {"reward": rewards.mean().item()}
+    if rollout.group_size > 1:
+        group_std = group_reward_std(rewards, rollout.group_size)  # [B]
+        metrics["reward_std"] = group_std.mean().item()
+        metrics["frac_reward_zero_std"] = (group_std < 1e-6).float().mean().item()
+    metrics.update(completion_metrics(rollout))
+    if gold_fn is not None:  # reward.proxy_gold_divergence reads both
+        metrics["gold/reward"] = sum(gold_fn(rollout.row_prompts(), rollout.texts)) / len(rollout.texts)
+    return metrics
 
 
 def reward_metrics(parts: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -55,7 +55,7 @@ class SFTRecipe:
             micro_batches.append(batch)
         if not self._checked_mask:
             self._check_mask(micro_batches[0])
-        return StepPlan([micro_batches], {"num_tokens": float(sum(int(mb["attention_mask"].sum()) for mb in micro_batches))})
+        return StepPlan([micro_batches], num_tokens=sum(int(mb["attention_mask"].sum()) for mb in micro_batches))
 
     def _check_mask(self, batch: dict[str, Any]) -> None:
         self._checked_mask = True

@@ -83,7 +83,8 @@ def aggregate(
     return numerator / denominator.clamp(min=1)
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """sum_{b,t} m x / sum_{b,t} m: the mean of x over the masked tokens (0 when none is). [B, T] -> 0-dim."""
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp(min=1)
 
@@ -110,6 +111,41 @@ def ppo_clip_token_losses(
     return torch.maximum(unclipped, clipped)
 
 
+def clipped_surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`ppo_clip_token_losses` [B, T] and, in the same call, its statistics over the mask.
+
+    stats (detached 0-dim tensors, token means over the mask; the metric names PPO and GRPO log):
+      clip_ratio/low     fraction of tokens with rho < 1 - eps_low and A < 0 (clip binding from below)
+      clip_ratio/high    fraction of tokens with rho > 1 + eps_high and A > 0 (clip binding from above)
+      clip_ratio/region  fraction of tokens where the clipped term is the larger loss (gradient cut)
+      ratio              mean rho
+      approx_kl          mean k3 estimate of KL(pi_old || pi) (samples come from pi_old)
+    Shapes: logp, old_logp, response_mask [B, T]; advantages [B, T] or [B, 1] (one per sequence).
+    """
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    advantages = advantages.expand_as(logp)
+    token_losses = ppo_clip_token_losses(logp, old_logp, advantages, clip_eps, clip_eps_high)
+    with torch.no_grad():
+        ratio = torch.exp(logp - old_logp)
+        low = ((ratio < 1 - clip_eps) & (advantages < 0)).to(logp.dtype)
+        high = ((ratio > 1 + eps_high) & (advantages > 0)).to(logp.dtype)
+        stats = {
+            "clip_ratio/low": masked_mean(low, response_mask),
+            "clip_ratio/high": masked_mean(high, response_mask),
+            "clip_ratio/region": masked_mean((token_losses > -advantages * ratio).to(logp.dtype), response_mask),
+            "ratio": masked_mean(ratio, response_mask),
+            "approx_kl": masked_mean(kl_k3(old_logp, logp), response_mask),
+        }
+    return token_losses, stats
+
+
 def sequence_level_logps(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     """GSPO's sequence importance ratio (Zheng et al. 2025, "Group Sequence Policy Optimization", eq. 7),
     expressed as log-probs for `ppo_clip_token_losses`:
@@ -134,32 +170,12 @@ def ppo_clip_loss(
     loss_agg: str = "token_mean",
     max_tokens: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped policy loss, aggregated by `loss_agg`, with clipping statistics.
+    """PPO clipped policy loss aggregated by `loss_agg`, with the statistics of `clipped_surrogate`.
 
     loss = aggregate(ppo_clip_token_losses(...), response_mask, loss_agg, max_tokens).
-    stats (detached 0-dim tensors, token means over the mask; TRL's names):
-      clip_ratio/low   fraction of tokens with rho < 1 - eps_low and A < 0 (clip binding from below)
-      clip_ratio/high  fraction of tokens with rho > 1 + eps_high and A > 0 (clip binding from above)
-      clip_frac        fraction of tokens where the clipped term is the larger loss (gradient cut)
-      approx_kl        mean k3 estimate of KL(pi_old || pi) (samples come from pi_old)
-    Shapes: logp, old_logp, advantages, response_mask [B, T]; advantages may be [B, 1] (one per sequence).
     """
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    advantages = advantages.expand_as(logp)
-    token_losses = ppo_clip_token_losses(logp, old_logp, advantages, clip_eps, clip_eps_high)
-    loss = aggregate(token_losses, response_mask, loss_agg, max_tokens)
-    with torch.no_grad():
-        ratio = torch.exp(logp - old_logp)
-        unclipped = -advantages * ratio
-        low = ((ratio < 1 - clip_eps) & (advantages < 0)).to(logp.dtype)
-        high = ((ratio > 1 + eps_high) & (advantages > 0)).to(logp.dtype)
-        stats = {
-            "clip_ratio/low": _masked_mean(low, response_mask),
-            "clip_ratio/high": _masked_mean(high, response_mask),
-            "clip_frac": _masked_mean((token_losses > unclipped).to(logp.dtype), response_mask),
-            "approx_kl": _masked_mean(kl_k3(old_logp, logp), response_mask),
-        }
-    return loss, stats
+    token_losses, stats = clipped_surrogate(logp, old_logp, advantages, response_mask, clip_eps, clip_eps_high)
+    return aggregate(token_losses, response_mask, loss_agg, max_tokens), stats
 
 
 def value_token_losses(
@@ -178,6 +194,18 @@ def value_token_losses(
     return 0.5 * torch.maximum(unclipped, (clipped_values - returns) ** 2)
 
 
+def clipped_value(
+    values: Tensor, old_values: Tensor, returns: Tensor, response_mask: Tensor, clip_range: float | None = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`value_token_losses` [B, T] and, in the same call, `value/clip_frac`: the fraction of masked tokens where
+    the clipped error is the larger one (TRL's `val/clipfrac`)."""
+    token_losses = value_token_losses(values, old_values, returns, clip_range)
+    with torch.no_grad():
+        clipped_larger = token_losses > 0.5 * (values - returns) ** 2
+        stats = {"value/clip_frac": masked_mean(clipped_larger.to(values.dtype), response_mask)}
+    return token_losses, stats
+
+
 def value_loss(
     values: Tensor,
     old_values: Tensor,
@@ -187,11 +215,7 @@ def value_loss(
     loss_agg: str = "token_mean",
     max_tokens: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss aggregated by `loss_agg`; stats: `value/clip_frac` (fraction of tokens where the
-    clipped error is the larger one, TRL's `val/clipfrac`). Shapes: all [B, T] -> (0-dim, stats)."""
-    token_losses = value_token_losses(values, old_values, returns, clip_range)
-    loss = aggregate(token_losses, response_mask, loss_agg, max_tokens)
-    with torch.no_grad():
-        clipped_larger = token_losses > 0.5 * (values - returns) ** 2
-        stats = {"value/clip_frac": _masked_mean(clipped_larger.to(values.dtype), response_mask)}
-    return loss, stats
+    """Clipped value loss aggregated by `loss_agg`, with the statistics of `clipped_value`.
+    Shapes: all [B, T] -> (0-dim, stats)."""
+    token_losses, stats = clipped_value(values, old_values, returns, response_mask, clip_range)
+    return aggregate(token_losses, response_mask, loss_agg, max_tokens), stats

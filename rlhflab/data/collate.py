@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 
+from rlhflab.core.packing import PackedBatch, pack_groups
 from rlhflab.data.loading import Content, PreferenceExample, SFTExample
 from rlhflab.errors import InputError
 
@@ -51,6 +52,9 @@ class TokenizedExample:
     completion_ids: list[int]
     truncated_prompt: bool = False
     truncated_completion: bool = False
+
+
+Pair = tuple[TokenizedExample, TokenizedExample]  # (chosen, rejected) of one preference pair, same prompt ids
 
 
 @dataclass
@@ -281,20 +285,19 @@ def collate_sequences(
     }
 
 
-def collate_preference_pairs(
-    pairs: Sequence[tuple[TokenizedExample, TokenizedExample]],
-    pad_token_id: int,
-    padding_side: Literal["left", "right"] = "right",
-) -> dict[str, Any]:
-    """One batch of 2B rows: the B chosen sequences, then the B rejected ones (row i pairs with B + i).
+def pack_pairs(pairs: Sequence[Pair], max_row_tokens: int, pad_token_id: int, trim_final_tokens: bool = False
+               ) -> PackedBatch:
+    """Pair i becomes group i = (prompt, [chosen, rejected]): packed sequences 2i (chosen) and 2i + 1 (rejected).
 
-    Same keys as `collate_sequences`, plus `num_pairs` (B).
+    The prompt is laid out once per pair (core/packing.py). `trim_final_tokens`: leave out each response's
+    last token, a target and never an input (for log-probs; a reward model scores that token, so keeps it).
     """
-    chosen = [pair[0] for pair in pairs]
-    rejected = [pair[1] for pair in pairs]
-    batch = collate_sequences(chosen + rejected, pad_token_id, padding_side)
-    batch["num_pairs"] = len(pairs)
-    return batch
+    return pack_groups(pair_groups(pairs), max_row_tokens, pad_token_id, trim_final_tokens=trim_final_tokens)
+
+
+def pair_groups(pairs: Sequence[Pair]) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt ids, [chosen ids, rejected ids]) of each pair: the groups `pack_pairs` lays out."""
+    return [(c.prompt_ids, [c.completion_ids, r.completion_ids]) for c, r in pairs]
 
 
 def render_mask(

@@ -2,20 +2,44 @@
 
 | code | fires when | means |
 |---|---|---|
-| `dpo.start_not_ln2` | step 0 loss != loss(0, 0) (ln 2 for sigmoid), or accuracy/margin != 0 | log-probs or reference wrong |
+| `dpo.start_not_ln2` | step 0 loss != loss(0, 0) (ln 2 for sigmoid), or accuracy/margin != 0 | policy and reference log-probs not computed alike |
 | `dpo.margin_explosion` | mean `rewards/margins` > max_margin while loss → 0 and accuracy → 1 | memorising pairs |
 | `dpo.chosen_logps_falling` | `logps/chosen` falls steadily while the margin grows | likelihood displacement |
 | `dpo.overfit` | train `rewards/accuracies` far above `eval/rewards/accuracies` | memorising the train split |
 
 Windows are means over the last `window` logged steps, so a batch-1 run (accuracy 0 or 1 each
 step) is judged on its average, not on one lucky step.
+
+`dpo.start_not_ln2` proves that the policy's and the reference's log-probs are computed alike; a
+label-shift or response-mask bug that both share cancels in log π − log π_ref and still gives ln 2.
+The check that catches such a bug is `logps.mask_mismatch` (diagnostics/checks.py), run on the first
+micro-batch of every training command.
+
+TOLERANCES is the one table of DPO's precision tolerances: how far two computations of the same
+quantities may differ by float rounding alone (the accuracy's tie band, the step-0 check).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from rlhflab.diagnostics.findings import Finding, StatefulMonitor
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    logp: float  # relative rounding of a summed log-prob between two packed layouts of the same pair
+    start_loss: float  # |step-0 loss − loss(0, 0)| and |margin| that dpo.start_not_ln2 accepts
+
+
+# Measured at 30M on 64 sums of ~100 nats (docs/notes_dpo.md): a cached reference from another batch
+# composition vs a live forward differs by fp32 1.6e-7, bf16 autocast 4.2e-4 (relative), which moves
+# a bf16 step-0 loss by ~1e-3.
+TOLERANCES = {
+    "fp32": Tolerance(logp=1e-6, start_loss=1e-4),
+    "bf16": Tolerance(logp=2e-3, start_loss=1e-2),
+}
 
 
 def _mean(values: list[float]) -> float:
@@ -28,11 +52,17 @@ class StartCheckMonitor(StatefulMonitor):
     Then rewards are 0, no pair is ranked correctly (accuracy 0: ties are not wins), the margin is 0,
     and the loss is the loss at zero log-ratios: -log σ(0) = ln 2 = 0.693147 for `sigmoid` (with
     or without label smoothing), `expected_loss` in general. Error (stops the run) if not; one info
-    line if it holds: the first proof that the log-probs and the reference are right.
+    line if it holds. What it proves: policy and reference log-probs are computed alike (same weights,
+    same packing, a cache that belongs to them). What it cannot prove: that the log-probs are of the
+    right tokens. A shift or mask bug shared by both cancels in the log-ratio and still gives ln 2;
+    `logps.mask_mismatch` (diagnostics/checks.py, on the first micro-batch) is the check for that.
     """
 
     def __init__(
-        self, expected_loss: float = math.log(2), tolerance: float = 1e-4, loss_key: str = "dpo_loss"
+        self,
+        expected_loss: float = math.log(2),
+        tolerance: float = TOLERANCES["fp32"].start_loss,
+        loss_key: str = "dpo_loss",
     ):
         self.expected_loss = expected_loss
         self.tolerance = tolerance
@@ -52,7 +82,10 @@ class StartCheckMonitor(StatefulMonitor):
         )
         if ok:
             return [
-                Finding(step, "dpo.start_not_ln2", "info", f"step-0 check passed: {seen}.", "none needed")
+                Finding(step, "dpo.start_not_ln2", "info",
+                        f"step-0 check passed: {seen}; policy and reference log-probs are computed alike (a shift "
+                        "or mask bug shared by both would cancel here: logps.mask_mismatch checks that).",
+                        "none needed")
             ]
         return [
             Finding(
@@ -60,7 +93,8 @@ class StartCheckMonitor(StatefulMonitor):
                 "dpo.start_not_ln2",
                 "error",
                 f"at step 0 the policy equals the reference, so every log-ratio must be 0; got {seen}. "
-                "The log-probs (label shift, response mask, packing) or the reference log-probs are wrong.",
+                "Policy and reference log-probs are not computed alike (different weights, packing, precision, "
+                "or a cached reference of another model or data).",
                 "Check that policy and reference load the same weights, that the response mask covers "
                 "completion tokens only, and that a cached reference belongs to this model and data.",
             )

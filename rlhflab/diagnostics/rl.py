@@ -1,14 +1,22 @@
 """Monitors for online RL (PPO, GRPO): each watches a few metrics over a sliding window and says what
 the pattern means and what to change. Pure functions of the metric stream (tested on synthetic ones).
+They read only the metric names PPO and GRPO share, each with one meaning (algorithms/rollout.py):
+`reward` (mean reward of the batch's completions), `kl` (mean per-token KL to the reference over
+completion tokens), `entropy` (mean per-token entropy), `completions/clipped_ratio`, `gold/reward`.
 
-    code                          reads                                   fires when (defaults)
-    grpo.zero_std_groups          frac_reward_zero_std                    window mean > 0.25
-    ppo.kl_runaway                objective/kl                            window mean > 10 nats / sequence
-    ppo.policy_stuck              objective/scores, objective/kl, kl_coef  scores and KL flat, KL ≈ 0, kl_coef ≥ 0.1
-    rl.entropy_collapse           entropy (per token)                     window mean < 0.05 nats
-    rl.truncation                 completions/clipped_ratio               window mean > 0.5
-    reward.proxy_gold_divergence  proxy (objective/scores or reward),     proxy's later-half mean rises and the
-                                  gold/reward                             gold's falls, each by > 0.05 (window 10)
+    code                          reads                            fires when (defaults)
+    grpo.zero_std_groups          frac_reward_zero_std             window mean > 0.25
+    rl.kl_runaway                 kl (per token)                   window mean > 0.3 nats per token
+    ppo.policy_stuck              reward, kl, kl_coef              reward and KL flat, KL ≈ 0 (< 0.002 nats per
+                                                                   token), kl_coef ≥ 0.1
+    rl.entropy_collapse           entropy (per token)              window mean < 0.05 nats
+    rl.truncation                 completions/clipped_ratio        window mean > 0.5
+    reward.proxy_gold_divergence  reward, gold/reward              reward's later-half mean rises and the
+                                                                   gold's falls, each by > 0.05 (window 10)
+
+The KL bounds are per token: 0.3 nats per token is the former bound of 10 nats per completion over
+the reviews task's 32-token budget (roughly), 0.002 the former 0.05 per completion likewise. GRPO
+logs `kl` only with beta > 0 (no reference otherwise), so rl.kl_runaway watches it only then.
 
 A monitor fires once when its condition becomes true and again only after the condition has cleared,
 so a persistent problem is one finding, not one per step. Windows are plain lists (checkpointable).
@@ -80,40 +88,41 @@ class ZeroStdGroupsMonitor(WindowMonitor):
 
 
 class KLRunawayMonitor(WindowMonitor):
-    code = "ppo.kl_runaway"
-    keys = ("objective/kl",)
-    advice = ("The policy is drifting far from the reference and is likely over-optimising the reward model. "
-              "Raise --kl-coef, use the adaptive controller (--adaptive-kl with a --target-kl), lower --lr, or "
+    code = "rl.kl_runaway"
+    keys = ("kl",)
+    advice = ("The policy is drifting far from the reference and is likely over-optimising the reward. Raise the "
+              "KL coefficient (PPO --kl-coef, or --adaptive-kl with a --target-kl; GRPO --beta), lower --lr, or "
               "stop earlier; compare the gold reward if the task has one.")
 
-    def __init__(self, bound: float = 10.0, window: int = 3):
+    def __init__(self, bound: float = 0.3, window: int = 3):
         super().__init__(window)
-        self.bound = bound
+        self.bound = bound  # nats per completion token
 
     def condition(self) -> str | None:
-        kl = self.mean("objective/kl")
+        kl = self.mean("kl")
         if kl <= self.bound:
             return None
-        return f"KL to the reference averaged {kl:.2f} nats per completion over {self.window} steps (bound {self.bound:g})."
+        return (f"KL to the reference averaged {kl:.3f} nats per token over {self.window} steps "
+                f"(bound {self.bound:g}).")
 
 
 class PolicyStuckMonitor(WindowMonitor):
     code = "ppo.policy_stuck"
-    keys = ("objective/scores", "objective/kl", "kl_coef")
+    keys = ("reward", "kl", "kl_coef")
     advice = ("The KL penalty is holding the policy at the reference. Lower --kl-coef (or --target-kl for the "
               "adaptive controller), raise --lr, or check that the reward varies across completions.")
 
-    def __init__(self, min_kl_coef: float = 0.1, max_kl: float = 0.05, min_change: float = 0.02, window: int = 10):
+    def __init__(self, min_kl_coef: float = 0.1, max_kl: float = 0.002, min_change: float = 0.02, window: int = 10):
         super().__init__(window)
         self.min_kl_coef, self.max_kl, self.min_change = min_kl_coef, max_kl, min_change
 
     def condition(self) -> str | None:
-        older, newer = self.halves("objective/scores")
-        kl, coef = self.mean("objective/kl"), self.mean("kl_coef")
+        older, newer = self.halves("reward")
+        kl, coef = self.mean("kl"), self.mean("kl_coef")  # kl per token
         if coef < self.min_kl_coef or abs(kl) > self.max_kl or abs(newer - older) > self.min_change:
             return None
-        return (f"over {self.window} steps the reward moved {newer - older:+.3f} and KL stayed at {kl:.3f} "
-                f"nats while kl_coef is {coef:.3g}: the policy is not moving.")
+        return (f"over {self.window} steps the reward moved {newer - older:+.3f} and KL stayed at {kl:.4f} "
+                f"nats per token while kl_coef is {coef:.3g}: the policy is not moving.")
 
 
 class EntropyCollapseMonitor(WindowMonitor):
@@ -156,13 +165,14 @@ class ProxyGoldDivergenceMonitor(WindowMonitor):
               "rises while the true reward falls. Stop earlier (an earlier checkpoint is better), raise the KL "
               "coefficient, or improve the reward model with pairs sampled from this policy.")
 
-    def __init__(self, proxy_key: str = "objective/scores", min_change: float = 0.05, window: int = 10):
+    keys = ("reward", "gold/reward")
+
+    def __init__(self, min_change: float = 0.05, window: int = 10):
         super().__init__(window)
-        self.keys = (proxy_key, "gold/reward")
         self.min_change = min_change
 
     def condition(self) -> str | None:
-        proxy_old, proxy_new = self.halves(self.keys[0])
+        proxy_old, proxy_new = self.halves("reward")
         gold_old, gold_new = self.halves("gold/reward")
         if proxy_new - proxy_old <= self.min_change or gold_old - gold_new <= self.min_change:
             return None
@@ -172,9 +182,9 @@ class ProxyGoldDivergenceMonitor(WindowMonitor):
 
 def ppo_monitors(has_gold: bool) -> list[Monitor]:
     monitors: list[Monitor] = [KLRunawayMonitor(), PolicyStuckMonitor(), EntropyCollapseMonitor(), TruncationMonitor()]
-    return [*monitors, ProxyGoldDivergenceMonitor("objective/scores")] if has_gold else monitors
+    return [*monitors, ProxyGoldDivergenceMonitor()] if has_gold else monitors
 
 
 def grpo_monitors(has_gold: bool) -> list[Monitor]:
-    monitors: list[Monitor] = [ZeroStdGroupsMonitor(), EntropyCollapseMonitor(), TruncationMonitor()]
-    return [*monitors, ProxyGoldDivergenceMonitor("reward")] if has_gold else monitors
+    monitors: list[Monitor] = [ZeroStdGroupsMonitor(), KLRunawayMonitor(), EntropyCollapseMonitor(), TruncationMonitor()]
+    return [*monitors, ProxyGoldDivergenceMonitor()] if has_gold else monitors

@@ -20,9 +20,7 @@ from rlhflab.core.logprobs import sequence_logps
 from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TokenizedExample, collate_sequences, tokenize_prompt
 from rlhflab.evaluation.stats import summarize
-from rlhflab.models.loading import sequence_scores
-
-RewardFn = Callable[[list[str], list[str]], list[float]]
+from rlhflab.models.scoring import RewardFn, sequence_scores
 
 
 @dataclass

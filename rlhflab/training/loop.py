@@ -62,7 +62,7 @@ class StepPlan:
     updates: list[list[Any]]  # optimizer updates; each is a list of micro-batches with a `num_items` key
     metrics: dict[str, float] = field(default_factory=dict)  # step-level metrics (e.g. rollout rewards)
     samples: list[dict[str, Any]] = field(default_factory=list)  # example rollouts, logged to completions.jsonl
-    num_tokens: int = 0  # real tokens the step trains on (the loop logs their running total as `num_tokens`)
+    num_tokens: int = 0  # real tokens the step trains on (the loop logs their running total, TRL's `num_tokens`)
 
 
 class Recipe(Protocol):

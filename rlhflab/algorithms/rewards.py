@@ -13,7 +13,7 @@ per completion (e.g. `def exact(completions, answer, **kwargs)` for records `{"p
 "answer": ...}`), and so do `completion_ids` (token ids, EOS included where emitted): a function
 gets the ones it names, or all of them if it takes `**kwargs`. Arguments are passed by name when
 the function names `completions` (or takes `**kwargs`), else by position (prompts, completions).
-A reward model scores `prompt + completion` (EOS included) at the last token, as in training.
+A reward model scores `prompt + completion` (EOS included) as it was trained to (`models.scoring`).
 """
 
 from __future__ import annotations
@@ -22,17 +22,14 @@ import importlib
 import importlib.util
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhflab.data.collate import TokenizedExample, collate_sequences
 from rlhflab.errors import InputError
-from rlhflab.models.loading import sequence_scores
-
-RewardFn = Callable[[list[Any], list[str]], list[float]]
+from rlhflab.models.scoring import RewardFn
 
 SPEC_HELP = "give --reward-fn as FILE.py:NAME (e.g. rewards.py:score) or package.module:NAME"
 
@@ -91,6 +88,18 @@ def as_reward_fns(reward_fn: RewardFn | Sequence[RewardFn] | None) -> list[Rewar
     return [reward_fn] if callable(reward_fn) else list(reward_fn)
 
 
+def reward_functions(reward_fn: RewardFn | Sequence[RewardFn] | None, reward_model: Any,
+                     weights: list[float] | None) -> list[RewardFn]:
+    """The run's reward functions as a list, checked before any sampling: exactly one of `reward_fn` (one or
+    several) and `reward_model` is given, and one weight per function (or none: all 1)."""
+    fns = as_reward_fns(reward_fn)
+    if (not fns) == (reward_model is None):
+        raise ValueError("give exactly one of reward_fn and reward_model")
+    if fns:
+        check_reward_weights(weights, len(fns))  # an input error, before any sampling
+    return fns
+
+
 def reward_names(fns: list[RewardFn]) -> list[str]:
     """Each function's `__name__` (TRL's metric key `rewards/NAME/mean`), numbered where two share one."""
     names = [getattr(fn, "__name__", type(fn).__name__) for fn in fns]
@@ -143,22 +152,3 @@ def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[Any],
     if bad:
         raise InputError(f"the reward function returned non-finite rewards ({bad[0]})", field="reward_fn")
     return torch.tensor(rewards, dtype=torch.float32)
-
-
-@torch.no_grad()
-def reward_model_scores(model: torch.nn.Module, prompt_ids: list[list[int]], completions: list[list[int]],
-                        pad_token_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Score r(x, y) of each (prompt, completion), pooled as the model says (`sequence_scores`): [N] float32.
-
-    Completions carry their EOS where the policy emitted one; a truncated completion is scored at its
-    last token (the PPO recipe subtracts `missing_eos_penalty` from those, as TRL does).
-    """
-    was_training = model.training
-    model.eval()
-    rows = [TokenizedExample(p, c) for p, c in zip(prompt_ids, completions, strict=True)]
-    scores = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate_sequences(rows[start : start + batch_size], pad_token_id)
-        scores.append(sequence_scores(model, batch).float())
-    model.train(was_training)
-    return torch.cat(scores)

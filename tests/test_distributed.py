@@ -253,3 +253,31 @@ def test_two_processes_train_as_one(inputs, tmp_path):
         assert moved > 1e-3, f"{command}: the policy did not move, so equal weights prove nothing"
     for command in ("rm", "dpo"):  # held-out metrics: the recipes' evaluate() on the metrics lines (no eval.json)
         _assert_same_run(one / command, two / command)
+
+
+@pytest.mark.slow  # a torchrun launch of its own: about 45 s on 2 shared cores
+def test_pretrain_under_torchrun_trains_as_one_process(tmp_path):
+    """`rlhflab pretrain` under torchrun: every process trains the BPE tokenizer on the same corpus (BPE training
+    is deterministic: merges go by count, ties by pair, never by hash order) and builds the same initial model
+    from --seed, then trains its share of each step. Checked against one process: the same tokenizer file, the
+    same losses step by step and the same final weights. A process with another tokenizer would train on other
+    token ids and change the reduced losses."""
+
+    def args(out: Path) -> list[str]:
+        return ["pretrain", "--task", "reviews", "--preset", "tiny", "--num-documents", "200", "--vocab-size", "160",
+                "--max-steps", "4", "--batch-size", "4", "--checkpoint-every", "2", "--seed", "1", "--threads", "1",
+                "--no-progress", "--out", str(out)]  # fmt: skip
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = CliRunner().invoke(app, args(one))
+    assert result.exit_code == 0, result.output
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RLHFLAB_FAULTS", "WORLD_SIZE", "RANK")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    stdout, stderr, returncode = _launch([str(worker), json.dumps([{"name": "pretrain", "args": args(two)}])], env)
+    assert returncode == 0, stdout[-3000:] + stderr[-3000:]
+    results = sorted(line.split()[1:] for line in stdout.splitlines() if line.startswith("RESULT "))
+    assert results == [["0", "pretrain", "0"], ["1", "pretrain", "left"]], stdout
+    assert (two / "model" / "tokenizer.json").read_bytes() == (one / "model" / "tokenizer.json").read_bytes()
+    _assert_same_run(one, two)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import math
+
+import pytest
+import torch
 
 from rlhflab.diagnostics.dpo import (
     ChosenLogpsFallingMonitor,
@@ -90,9 +94,46 @@ def test_overfit_fires_on_gap():
     assert _run(OverfitMonitor(), close) == []
 
 
-def test_monitor_state_round_trips():
-    stream = _healthy(40)
-    a, b = MarginExplosionMonitor(window=5), MarginExplosionMonitor(window=5)
-    _run(a, stream)
-    b.load_state_dict(a.state_dict())
-    assert b.state_dict() == a.state_dict()
+def _exploding(steps: int = 120):
+    return [{"loss": 1e-4, "rewards/accuracies": 1.0, "rewards/margins": 5.0 + 0.5 * t} for t in range(steps)]
+
+
+def _displacing(steps: int = 100):
+    return [{"logps/chosen": -40.0 - 0.2 * t, "rewards/margins": 0.05 * t, "rewards/accuracies": 0.8, "loss": 0.4}
+            for t in range(steps)]  # fmt: skip
+
+
+def _overfitting(steps: int = 13):
+    return [{"rewards/accuracies": 1.0, **({"eval/rewards/accuracies": 0.5} if t == steps - 1 else {})}
+            for t in range(steps)]  # fmt: skip
+
+
+def _restored(monitor: type, state: dict):
+    """A fresh monitor loaded from `state` as a resumed run loads it: through torch.save and a weights-only load."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    fresh = monitor()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    return fresh
+
+
+@pytest.mark.parametrize(("monitor", "stream", "cut"), [
+    (MarginExplosionMonitor, _exploding(), 8),  # mid-window: the window's first steps come from the checkpoint
+    (MarginExplosionMonitor, _exploding() + [{**r, "rewards/margins": 1.0} for r in _exploding(15)] + _exploding(),
+     60),  # fired before the checkpoint: it must not fire again until the margin is back in range, then re-arms
+    (ChosenLogpsFallingMonitor, _displacing(), 30),  # the first window is complete, the recent one is not
+    (OverfitMonitor, _overfitting(), 5),  # the train-accuracy window spans the checkpoint
+    (OverfitMonitor, _overfitting() + _overfitting(40), 18),  # fired once before the checkpoint, never again
+])  # fmt: skip
+def test_a_restored_monitor_finds_what_the_uninterrupted_one_finds(monitor, stream, cut):
+    whole = [(f.step, f.code, f.message) for f in _run(monitor(), stream)]
+    assert whole  # each stream makes its monitor fire, so a state lost on the way changes the findings
+    first = monitor()
+    before = [(f.step, f.code, f.message) for s, m in enumerate(stream[:cut]) for f in first.observe(s, m)]
+    resumed = _restored(monitor, first.state_dict())
+    after = [(f.step, f.code, f.message) for s, m in enumerate(stream[cut:], cut) for f in resumed.observe(s, m)]
+    assert before + after == whole
+    fresh = monitor()  # and a fresh monitor without the state would not: the state is what carries it
+    assert before + [(f.step, f.code, f.message) for s, m in enumerate(stream[cut:], cut)
+                     for f in fresh.observe(s, m)] != whole  # fmt: skip

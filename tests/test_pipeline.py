@@ -1,6 +1,9 @@
 """Task artefacts and the CLI, end to end on the tiny preset."""
 
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ from rlhflab.pipeline import preference_pairs, reward_model, sft_model
 from rlhflab.tasks import get_task
 
 runner = CliRunner()
+# the module that builds and caches the --task artefacts; its trainers are replaced to prove a cache hit trains nothing
+ARTEFACTS_MODULE = "rlhflab.pipeline"
 
 
 def test_artefacts_load_into_transformers(tiny_artefacts):
@@ -27,8 +32,41 @@ def test_artefacts_load_into_transformers(tiny_artefacts):
     chosen = task.gold_reward([r["prompt"] for r in rows], [r["chosen"] for r in rows])
     rejected = task.gold_reward([r["prompt"] for r in rows], [r["rejected"] for r in rows])
     assert all(c > r for c, r in zip(chosen, rejected, strict=True))
-    # a second request reuses the cached folder instead of training again
-    assert sft_model(a) == sft_model(a)
+
+
+def _trains_nothing(*args, **kwargs):
+    raise AssertionError("an artefact was trained again instead of being reused from the cache")
+
+
+def test_a_second_request_reuses_the_cache_and_trains_nothing(tiny_artefacts, tmp_path, monkeypatch):
+    """A cached artefact is reused: with every trainer of the artefact module replaced, asking again returns
+    the same folder, untouched. The replaced trainer is shown to be the one the module calls: in a cache
+    holding only the base model, the SFT model is built by it, once."""
+    import importlib
+
+    module = importlib.import_module(ARTEFACTS_MODULE)
+    a = tiny_artefacts("reviews")
+    folder = sft_model(a).parent
+    before = {p: p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")]}
+    for trainer in ("run_pretrain", "run_sft", "run_reward_model"):
+        monkeypatch.setattr(module, trainer, _trains_nothing)
+    assert module.sft_model(a) == sft_model(a) == folder / "model"
+    assert module.reward_model(a).is_dir()  # the whole chain: base, SFT, pairs, reward model
+    assert {p: p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")]} == before
+
+    built: list[str] = []
+
+    def fake_sft(cfg, model, tokenizer, examples):
+        built.append(cfg.out)
+        (Path(cfg.out) / "model").mkdir()
+        return Path(cfg.out) / "model"
+
+    monkeypatch.setattr(module, "run_sft", fake_sft)
+    fresh = dataclasses.replace(a, cache_dir=str(tmp_path / "cache"))
+    base = module.base_model(a).parent
+    shutil.copytree(base, fresh.root() / base.name)  # the base model only: SFT must be built
+    first = module.sft_model(fresh)
+    assert len(built) == 1 and module.sft_model(fresh) == first and len(built) == 1
 
 
 def test_eval_command_writes_intervals(tiny_artefacts, tmp_path):

@@ -1,10 +1,19 @@
 """The one evaluation suite: every algorithm's model is judged by exactly this code.
 
 For each temperature: n samples per prompt (fixed seeds, so two models see the same random
-stream), then per sample the reward-model score, the gold reward, the Monte-Carlo KL to the
-reference (log π(y|x) − log π_ref(y|x) summed over the sampled tokens, both at temperature 1),
-length and well-formedness; per prompt distinct-1/2 across its samples. Aggregates carry 95%
-bootstrap intervals over prompts × samples.
+stream), then per sample the reward-model score, the gold reward, the KL to the reference, length
+and well-formedness; per prompt distinct-1/2 across its samples. Aggregates carry 95% bootstrap
+intervals over prompts × samples.
+
+The KL is that of the distributions actually sampled, "KL to the reference at the sampling
+temperature": at temperature T the sampler draws y from π_T (softmax of the logits / T, token by
+token), so each sample's
+
+    kl(y) = Σ_t log π_T(y_t | x, y_<t) − log π_ref,T(y_t | x, y_<t)      (both models' logits / T)
+
+is an unbiased Monte-Carlo estimate of KL(π_T ‖ π_ref,T) over whole completions (EOS and the
+max_new_tokens cut included, as sampled). At T = 1 it is the usual KL(π ‖ π_ref). Greedy decoding
+(T = 0) has no such KL: the suite refuses T = 0 when a reference is given.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ import torch
 from rlhflab.core.logprobs import sequence_logps
 from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TokenizedExample, collate_sequences, tokenize_prompt
+from rlhflab.errors import InputError
 from rlhflab.evaluation.stats import summarize
-from rlhflab.models.scoring import RewardFn, sequence_scores
+from rlhflab.models.scoring import RewardFn, reward_model_scores
 
 
 @dataclass
@@ -34,18 +44,15 @@ class EvalConfig:
 
 
 @torch.no_grad()
-def _sequence_scores(model: torch.nn.Module, rows: list[TokenizedExample], pad_token_id: int, batch_size: int,
-                     scalar: bool) -> np.ndarray:
-    """log π(completion | prompt) for a causal LM, or r(x, y) for a scalar model (its own pooling)."""
+def _sequence_logps(model: torch.nn.Module, rows: list[TokenizedExample], pad_token_id: int, batch_size: int,
+                    temperature: float) -> np.ndarray:
+    """log π_T(completion | prompt) of each row: the logits / temperature, as the sampler draws. [N]"""
     model.eval()
     out = []
     for start in range(0, len(rows), batch_size):
         batch = collate_sequences(rows[start : start + batch_size], pad_token_id)
-        if scalar:
-            out.append(sequence_scores(model, batch))
-        else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out.append(sequence_logps(logits, batch["input_ids"], batch["response_mask"]))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out.append(sequence_logps(logits, batch["input_ids"], batch["response_mask"], temperature=temperature))
     return torch.cat(out).float().numpy()
 
 
@@ -65,7 +72,12 @@ def evaluate(
     is_wellformed: Callable[[str, str], bool] | None = None,
     reference: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `policy` on `prompts`; returns {"temperatures": {"0.7": {"aggregate": ..., "per_prompt": [...]}}}."""
+    """Evaluate `policy` on `prompts`; returns {"temperatures": {"0.7": {"aggregate": ..., "per_prompt": [...]}}}.
+
+    Per-sample "kl" (with a `reference`): KL to the reference at the sampling temperature (module docstring)."""
+    if reference is not None and any(t <= 0 for t in cfg.temperatures):
+        raise InputError(f"evaluation temperatures {cfg.temperatures}: greedy decoding (temperature 0) has no KL to "
+                         "the reference; use a temperature > 0 (e.g. 0.1)", field="temperatures")  # fmt: skip
     prompt_ids = [tokenize_prompt(tokenizer, p, None).prompt_ids for p in prompts]  # the collator's BOS rule
     num_prompts, n = len(prompts), cfg.samples_per_prompt
     results: dict[str, Any] = {"num_prompts": num_prompts, "samples_per_prompt": n, "temperatures": {}}
@@ -88,11 +100,12 @@ def evaluate(
         if is_wellformed is not None:
             per_sample["malformed"] = np.array([0.0 if is_wellformed(p, c) else 1.0 for p, c in zip(row_prompts, texts, strict=True)])
         if reward_model is not None:
-            per_sample["rm_score"] = _sequence_scores(reward_model, rows, tokenizer.pad_token_id, cfg.batch_size, True)
+            per_sample["rm_score"] = reward_model_scores(reward_model, [r.prompt_ids for r in rows], completions,
+                                                         tokenizer.pad_token_id, cfg.batch_size).numpy()
         if reference is not None:
-            logp = _sequence_scores(policy, rows, tokenizer.pad_token_id, cfg.batch_size, False)
-            ref_logp = _sequence_scores(reference, rows, tokenizer.pad_token_id, cfg.batch_size, False)
-            per_sample["kl"] = logp - ref_logp
+            logp = _sequence_logps(policy, rows, tokenizer.pad_token_id, cfg.batch_size, temperature)
+            ref_logp = _sequence_logps(reference, rows, tokenizer.pad_token_id, cfg.batch_size, temperature)
+            per_sample["kl"] = logp - ref_logp  # KL(π_T ‖ π_ref,T), one Monte-Carlo sample each
         grid = {k: v.reshape(num_prompts, n) for k, v in per_sample.items()}  # [P, S]
         per_prompt_distinct = {
             f"distinct_{k}": np.array([_distinct_n(completions[i * n : (i + 1) * n], k) for i in range(num_prompts)])

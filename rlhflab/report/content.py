@@ -15,7 +15,7 @@ from rlhflab.study.stats import rank_label
 from rlhflab.training.metrics import json_lines
 
 COLUMNS = {  # metric → column title, in table order
-    "gold": "gold reward", "rm_score": "RM score", "kl": "KL to ref", "length": "length",
+    "gold": "gold reward", "rm_score": "RM score", "kl": "KL to ref at T", "length": "length",
     "distinct_2": "distinct-2", "malformed": "malformed",
 }  # fmt: skip
 EXAMPLE_PROMPTS = 4  # prompts shown side by side with each arm's completions
@@ -167,7 +167,9 @@ def build_sections(study: dict[str, Any], root: Path, figures: dict[str, Path]) 
     paired = " Δ is the paired difference to the baseline (same prompts, same sampling seeds)." if study.get("baseline") else ""
     overview.blocks.append(
         f"{len(study['arms'])} arm(s) × {len(seeds)} seed(s); {len(study.get('prompts', []))} evaluation prompts. "
-        f"Intervals are 95% bootstrap intervals over seeds × prompts × samples.{paired}"
+        f"Intervals are 95% bootstrap intervals over seeds × prompts × samples.{paired} KL to ref at T: the KL "
+        "to the reference model (a study's SFT model) of the distributions sampled at temperature T, KL(π_T ‖ "
+        "π_ref,T) with both models' logits divided by T."
     )
     shared = study.get("shared") or {}
     if shared.get("sft_model"):

@@ -25,6 +25,7 @@ from rlhflab.data.collate import collate_preference_pairs, tokenize_preference
 from rlhflab.data.loading import from_records
 from rlhflab.diagnostics.findings import read_findings
 from rlhflab.models.tokenizer import train_tokenizer
+from rlhflab.stages.artefacts import reference_logps_dir
 from rlhflab.tasks.reviews import ReviewsTask
 from rlhflab.training.loop import train
 from rlhflab.training.metrics import read_metrics
@@ -85,7 +86,7 @@ def _recipe(tokenizer, pairs, cfg, calls: list | None = None) -> DPORecipe:
             calls.append(1)
         return copy.deepcopy(frozen)
 
-    dirs = reference_cache_dirs(cfg, Path(cfg.out))
+    dirs = reference_cache_dirs(cfg, Path(cfg.out), reference_logps_dir(cfg.cache_dir))
     return DPORecipe(model, pairs[:40], cfg, tokenizer.pad_token_id, load_reference, pairs[40:], dirs)
 
 
@@ -128,18 +129,15 @@ def test_run_writes_run_folder(tokenizer, pairs, tmp_path):
     cfg = cfg_for(tmp_path)
     model = tiny_model(tokenizer)
     frozen = copy.deepcopy(model)
-    path, results = run_dpo(cfg, model, tokenizer, pairs, lambda: copy.deepcopy(frozen))
+    path = run_dpo(cfg, model, tokenizer, pairs, lambda: copy.deepcopy(frozen))
     out = Path(cfg.out)
-    assert (out / "config.yaml").exists() and (out / "eval.json").exists()
+    assert (out / "config.yaml").exists() and not (out / "eval.json").exists()  # the stage evaluates, not DPO
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # 6 training steps + the final evaluation
     for name in TRL_NAMES:
         assert name in rows[0], name
     assert "eval/rewards/accuracies" in rows[0] and "eval/rewards/accuracies" in rows[-1]
-    assert (
-        abs(rows[0]["loss"] - math.log(2)) < 1e-4
-        and rows[-1]["eval/rewards/accuracies"] == results["eval/rewards/accuracies"]
-    )
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-4
     findings = read_findings(out / "diagnostics.jsonl")
     assert [(f.code, f.severity) for f in findings][:1] == [("dpo.start_not_ln2", "info")]
     loaded = AutoModelForCausalLM.from_pretrained(path)

@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from rlhflab.algorithms.reference_cache import ReferenceCache, pair_key, weights_fingerprint
-from rlhflab.config import RunConfig
+from rlhflab.config import RunConfig, opt
 from rlhflab.core.losses import dpo_loss
 from rlhflab.core.packing import PackedBatch, pack_groups, packed_forward
 from rlhflab.data.collate import TokenizedExample
@@ -54,31 +53,26 @@ Pair = tuple[TokenizedExample, TokenizedExample]  # (chosen, rejected), same pro
 class DPOConfig(RunConfig):
     lr: float = 1e-4
     max_steps: int = 150
-    batch_size: int = 16  # preference pairs per optimizer step
-    beta: float = 0.1  # β: rewards are β·log(π/π_ref); larger keeps the policy closer to the reference
-    loss_type: str = "sigmoid"  # TRL's names: sigmoid hinge ipo robust exo_pair nca_pair bco_pair sppo_hard apo_zero apo_down
-    label_smoothing: float = 0.0  # ε of conservative DPO (sigmoid), robust and exo_pair
-    sft_weight: float = (
-        0.0  # adds sft_weight × mean NLL per token of the chosen response (RPO; TRL's rpo_alpha)
-    )
-    max_prompt_tokens: int = 64  # longer prompts keep their last tokens
-    max_completion_tokens: int = 64  # longer responses are cut (and have no EOS)
-    max_row_tokens: int = 256  # packed row budget; attention is quadratic in it, so keep it a few pairs long
-    live_reference: bool = False  # keep the reference model and recompute its log-probs every step
-    share_reference_cache: bool = (
-        True  # also read/write CACHE/reference-logps/ (shared by runs of one reference)
-    )
-    eval_fraction: float = 0.05  # held-out share of the pairs, for implicit-reward accuracy
-    eval_every: int = 25  # held-out accuracy every N steps (and at the end); 0: only at the end
-    max_margin: float = 10.0  # dpo.margin_explosion: healthy mean margin upper bound
-    explosion_max_loss: float = 0.05  # ... and it fires only while the loss is below this
-    explosion_min_accuracy: float = 0.95  # ... and train accuracy at least this
-    monitor_window: int = 10  # steps averaged by the margin and overfit monitors
-    eval_temperatures: list[float] = field(
-        default_factory=lambda: [0.3, 0.7, 1.0]
-    )  # end-of-run evaluation suite (with --task)
-    eval_samples_per_prompt: int = 8
-    task_size: str = "small"  # small | tiny: which cached task artefacts --task uses
+    batch_size: int = opt(16, "preference pairs per optimizer step", minimum=1)
+    beta: float = opt(0.1, "β: rewards are β·log(π/π_ref); larger keeps the policy closer to the reference", minimum=0.0)
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+                       "apo_down"] = opt("sigmoid", "DPO-family loss, TRL's names (core/losses.py)")
+    label_smoothing: float = opt(0.0, "ε of conservative DPO (sigmoid), robust and exo_pair", minimum=0.0, maximum=1.0)
+    sft_weight: float = opt(0.0, "adds sft_weight × mean NLL per token of the chosen response (RPO; TRL's rpo_alpha)",
+                            minimum=0.0)
+    max_prompt_tokens: int = opt(64, "longer prompts keep their last tokens", minimum=1)
+    max_completion_tokens: int = opt(64, "longer responses are cut (and have no EOS)", minimum=1)
+    max_row_tokens: int = opt(256, "packed row budget; attention is quadratic in it, so keep it a few pairs long",
+                              minimum=2)
+    live_reference: bool = opt(False, "keep the reference model and recompute its log-probs every step")
+    share_reference_cache: bool = opt(True, "also read/write CACHE/reference-logps/ (shared by runs of one reference)")
+    eval_fraction: float = opt(0.05, "held-out share of the pairs, for implicit-reward accuracy", minimum=0.0,
+                               maximum=1.0)
+    eval_every: int = 25
+    max_margin: float = opt(10.0, "dpo.margin_explosion: healthy mean margin upper bound")
+    explosion_max_loss: float = opt(0.05, "... and it fires only while the loss is below this")
+    explosion_min_accuracy: float = opt(0.95, "... and train accuracy at least this", minimum=0.0, maximum=1.0)
+    monitor_window: int = opt(10, "steps averaged by the margin and overfit monitors", minimum=1)
 
 
 def pack_pairs(pairs: list[Pair], max_row_tokens: int, pad_token_id: int) -> PackedBatch:
@@ -320,12 +314,11 @@ def split_heldout(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
-def reference_cache_dirs(cfg: DPOConfig, out: Path) -> list[Path]:
-    """The run folder (resume) and, when shared, CACHE/reference-logps (other runs of the same reference)."""
-    if not cfg.share_reference_cache or cfg.live_reference:
+def reference_cache_dirs(cfg: DPOConfig, out: Path, shared: Path | None) -> list[Path]:
+    """The run folder (resume) and, when given, the shared cache (other runs of the same reference)."""
+    if shared is None or cfg.live_reference:
         return [out]
-    root = Path(cfg.cache_dir or os.environ.get("RLHFLAB_CACHE") or Path.home() / ".cache" / "rlhflab")
-    return [out, root / "reference-logps"]
+    return [out, shared]
 
 
 def run_dpo(
@@ -334,13 +327,13 @@ def run_dpo(
     tokenizer: Any,
     pairs: list[Pair],
     load_reference: Callable[[], torch.nn.Module],
-    task: Any = None,
-) -> tuple[Path, dict[str, Any]]:
-    """Train `model` (which must equal the reference at the start) on `pairs`; evaluate; save.
+    shared_reference_cache: Path | None = None,
+) -> Path:
+    """Train `model` (which must equal the reference at the start) on `pairs`; save it; returns OUT/model.
 
     `load_reference()` returns a fresh copy of the reference (the SFT model); it is called only
-    if some pair is not cached yet. With a built-in `task`, the shared evaluation suite runs on
-    the task's evaluation prompts at the end. Returns (OUT/model, eval results).
+    if some pair is not cached yet. `shared_reference_cache`: a folder of reference log-probs shared
+    by runs of the same reference (the stage passes CACHE/reference-logps).
     """
     out = start_run(cfg)
     train_pairs, eval_pairs = split_heldout(pairs, cfg.eval_fraction)
@@ -351,7 +344,7 @@ def run_dpo(
         tokenizer.pad_token_id,
         load_reference,
         eval_pairs,
-        reference_cache_dirs(cfg, out),
+        reference_cache_dirs(cfg, out, shared_reference_cache),
     )
     monitors = dpo_monitors(cfg)
     train(cfg, recipe, monitors)
@@ -361,10 +354,7 @@ def run_dpo(
     for finding in findings:
         emit_finding(out, finding)
     _append_final_metrics(out, cfg.max_steps, results)
-    if task is not None:
-        results["suite"] = _evaluation_suite(cfg, model, tokenizer, task, load_reference)
-    (out / "eval.json").write_text(json.dumps(results, indent=1))
-    return save_final_model(model, tokenizer, out), results
+    return save_final_model(model, tokenizer, out)
 
 
 def _append_final_metrics(out: Path, step: int, metrics: dict[str, float]) -> None:
@@ -381,29 +371,3 @@ def _append_final_metrics(out: Path, step: int, metrics: dict[str, float]) -> No
     }
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def _evaluation_suite(
-    cfg: DPOConfig,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    task: Any,
-    load_reference: Callable[[], torch.nn.Module],
-) -> dict[str, Any]:
-    from rlhflab.evaluation.suite import EvalConfig, evaluate
-
-    eval_cfg = EvalConfig(
-        temperatures=cfg.eval_temperatures,
-        samples_per_prompt=cfg.eval_samples_per_prompt,
-        max_new_tokens=task.max_new_tokens,
-    )
-    model.eval()
-    return evaluate(
-        model,
-        tokenizer,
-        task.eval_prompts(),
-        eval_cfg,
-        gold_reward=task.gold_reward,
-        is_wellformed=task.is_wellformed,
-        reference=load_reference(),
-    )

@@ -113,17 +113,20 @@ def config_options(cls: type) -> list[click.Parameter]:
         params.append(FieldOption([flag, f.name], group=title, type=kind, multiple=multiple, help=info.get("help", ""),
                                   default=None if isinstance(default, list | dict) else default,
                                   **{"show_default": default not in (None, ""), **extra}))
-    return params + trl_options(hints)
+    return params + trl_options(cls, hints)
 
 
-def trl_options(hints: dict[str, Any]) -> list[click.Parameter]:
+def trl_options(cls: type, hints: dict[str, Any]) -> list[click.Parameter]:
     """TRL's option names for the fields a config has (`TRL_ALIASES`)."""
+    from rlhflab.algorithms.pretrain import PretrainConfig
+
     notes = {"per_device_train_batch_size": " (completions per step: divided by --group-size)" if "group_size" in hints else "",
              "max_length": " (prompt + completion: minus --max-prompt-tokens)"}  # fmt: skip
     params: list[click.Parameter] = []
     for alias, targets in TRL_ALIASES.items():
         target = next((t for t in targets if t in hints), None)
-        if target is None or (alias == "max_length" and "max_prompt_tokens" not in hints):
+        # pretraining documents have no prompt: their budget is --max-completion-length
+        if target is None or (alias == "max_length" and ("max_prompt_tokens" not in hints or issubclass(cls, PretrainConfig))):
             continue
         params.append(FieldOption([f"--{alias.replace('_', '-')}", f"trl_{alias}"], group="TRL's names", target=target,
                                   type=_Raw("VALUE"), help=f"sets --{target.replace('_', '-')}{notes.get(alias, '')}"))
@@ -244,12 +247,13 @@ def _write_report(study_json: Path, started: float, what: str) -> Path:
     return page
 
 
-def run_study_command(cfg: Any) -> Path:
-    """The study, then its report (unless --no-report)."""
+def run_study_command(cfg: Any, commands: dict[str, Any] | None = None) -> Path:
+    """The study (its arms from `commands`, default the stages' table), then its report (unless --no-report)."""
+    from rlhflab.study.config import ARM_COMMANDS
     from rlhflab.study.runner import run_study
 
     started = time.perf_counter()
-    path = run_study(cfg)
+    path = run_study(cfg, commands or ARM_COMMANDS)
     return _write_report(path, started, "study") if cfg.report else path
 
 
@@ -266,12 +270,12 @@ def demo_command() -> click.Command:
     return make_command("demo", DemoConfig, run_demo_command, "the default study on the reviews task, end to end")
 
 
-def study_command() -> click.Command:
+def study_command(run: Callable[[Any], Any] = run_study_command) -> click.Command:
     from rlhflab.study.config import StudyConfig
 
     builtin = click.Option(["--builtin"], metavar="NAME", help="a built-in study: demo | phases | frontier")
     return make_command(
-        "study", StudyConfig, run_study_command,
+        "study", StudyConfig, run,
         "arms x seeds on shared artefacts, one evaluation suite, intervals and a report: "
         "rlhflab study FILE.yaml | --builtin demo|phases|frontier", _study_positional,
         (click.Argument(["file"], required=False, metavar="[FILE.yaml]"), builtin))  # fmt: skip

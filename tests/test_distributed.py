@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-from typer.testing import CliRunner
 
 from rlhflab.cli import app
 from rlhflab.config import RunConfig

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from rlhflab.cli import app
 from rlhflab.training import faults

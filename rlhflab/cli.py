@@ -118,19 +118,25 @@ def config_options(cls: type) -> list[click.Parameter]:
 
 def trl_options(cls: type, hints: dict[str, Any]) -> list[click.Parameter]:
     """TRL's option names for the fields a config has (`TRL_ALIASES`)."""
-    from rlhflab.algorithms.pretrain import PretrainConfig
-
     notes = {"per_device_train_batch_size": " (completions per step: divided by --group-size)" if "group_size" in hints else "",
              "max_length": " (prompt + completion: minus --max-prompt-tokens)"}  # fmt: skip
     params: list[click.Parameter] = []
     for alias, targets in TRL_ALIASES.items():
         target = next((t for t in targets if t in hints), None)
-        # pretraining documents have no prompt: their budget is --max-completion-length
-        if target is None or (alias == "max_length" and ("max_prompt_tokens" not in hints or issubclass(cls, PretrainConfig))):
+        if target is None or (alias == "max_length" and not _has_prompts(cls, hints)):
             continue
         params.append(FieldOption([f"--{alias.replace('_', '-')}", f"trl_{alias}"], group="TRL's names", target=target,
                                   type=_Raw("VALUE"), help=f"sets --{target.replace('_', '-')}{notes.get(alias, '')}"))
     return params
+
+
+def _has_prompts(cls: type, hints: dict[str, Any]) -> bool:
+    """Whether the config's examples have a prompt budget (pretraining documents have none)."""
+    if "max_prompt_tokens" not in hints:
+        return False
+    from rlhflab.algorithms.pretrain import PretrainConfig
+
+    return not issubclass(cls, PretrainConfig)
 
 
 def trl_values(cls: type, given: dict[str, Any], aliases: dict[str, Any], config_file: str | None) -> dict[str, Any]:

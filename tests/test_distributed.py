@@ -235,8 +235,10 @@ def test_two_processes_train_as_one(inputs, tmp_path):
         trained = load_file(two / command / "model" / "model.safetensors")
         moved = max((trained[key] - start[key]).abs().max().item() for key in start)
         assert moved > 1e-3, f"{command}: the policy did not move, so equal weights prove nothing"
-    for command in ("rm", "dpo"):
+    for command in ("rm", "dpo"):  # their held-out metrics end metrics.jsonl, compared line by line
         _assert_same_run(one / command, two / command)
-        assert json.loads((two / command / "eval.json").read_text()) == pytest.approx(
-            json.loads((one / command / "eval.json").read_text()), rel=1e-4, abs=1e-5
-        )
+        assert (one / command / "eval.json").is_file() == (two / command / "eval.json").is_file()
+        if (one / command / "eval.json").is_file():
+            assert json.loads((two / command / "eval.json").read_text()) == pytest.approx(
+                json.loads((one / command / "eval.json").read_text()), rel=1e-4, abs=1e-5
+            )

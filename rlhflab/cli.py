@@ -47,9 +47,9 @@ TRL_ALIASES: dict[str, tuple[str, ...]] = {
 class FieldOption(click.Option):
     """An option made from a config field; `group` is the class that declares the field (its help section)."""
 
-    def __init__(self, *args: Any, group: str, target: str | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, group: str, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.group, self.target = group, target
+        self.group = group
 
 
 class ConfigCommand(click.Command):
@@ -125,8 +125,8 @@ def trl_options(cls: type, hints: dict[str, Any]) -> list[click.Parameter]:
         target = next((t for t in targets if t in hints), None)
         if target is None or (alias == "max_length" and not _has_prompts(cls, hints)):
             continue
-        params.append(FieldOption([f"--{alias.replace('_', '-')}", f"trl_{alias}"], group="TRL's names", target=target,
-                                  type=_Raw("VALUE"), help=f"sets --{target.replace('_', '-')}{notes.get(alias, '')}"))
+        params.append(FieldOption([f"--{alias.replace('_', '-')}", f"trl_{alias}"], group="TRL's names", type=_Raw("VALUE"),
+                                  help=f"sets --{target.replace('_', '-')}{notes.get(alias, '')}"))
     return params
 
 
@@ -209,6 +209,9 @@ def make_command(name: str, cls: type, run: Callable[[Any], Any], summary: str, 
             _fail(str(exc), 2)
         except TrainingStopped as exc:
             _fail(str(exc), exc.exit_code, "stopped")
+        except KeyboardInterrupt:  # a second signal stops at once (click would print "Aborted!" and exit 1)
+            console.print("[red]interrupted[/]")
+            raise click.exceptions.Exit(130) from None
 
     return ConfigCommand(name, callback=callback, params=[*extra, *config_options(cls)], help=summary,
                          short_help=summary, context_settings=CONTEXT)
@@ -317,7 +320,9 @@ class Commands(click.Group):
         return None if command is None else make_command(name, command.config, command.run, command.summary)
 
 
-app = Commands("rlhflab", help=__doc__.split("\n\n")[0], context_settings=CONTEXT, no_args_is_help=True)
+app = Commands("rlhflab", context_settings=CONTEXT, no_args_is_help=True,
+               help="SFT, reward models, DPO, PPO and GRPO on one model family, one evaluation suite. "
+                    "`rlhflab COMMAND -h` lists a command's options; `--config FILE.yaml` sets them from a file.")
 
 
 def main() -> None:

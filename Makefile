@@ -11,7 +11,7 @@ $(BIN)/rlhflab: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,parity]'
 	touch $@
 
-.PHONY: setup demo test test-slow lint
+.PHONY: setup demo test test-slow lint lint-imports
 setup: $(BIN)/rlhflab
 
 demo: setup
@@ -26,3 +26,7 @@ test-slow: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Import contracts (pyproject.toml, [tool.importlinter]): imports point downward only.
+lint-imports: setup
+	$(BIN)/lint-imports

@@ -25,8 +25,8 @@ import torch
 
 from rlhflab.algorithms.dpo import DPOConfig
 from rlhflab.diagnostics.findings import read_findings
-from rlhflab.pipeline import TaskArtefacts, preference_pairs
-from rlhflab.stages import dpo as dpo_stage
+from rlhflab.stages.artefacts import TaskArtefacts, preference_pairs
+from rlhflab.stages.train import dpo, final_metrics
 from rlhflab.training.metrics import read_metrics
 
 ARMS = {"b: batch 1, beta 0.1": {"batch_size": 1, "beta": 0.1}, "c: batch 16, beta 0.3": {"batch_size": 16, "beta": 0.3}}
@@ -36,17 +36,17 @@ def summarise(out: Path) -> dict[str, float | str]:
     rows = [r for r in read_metrics(out) if "loss" in r]
     last = rows[-20:]
     mean = {k: sum(r[k] for r in last) / len(last) for k in ("loss", "rewards/accuracies", "rewards/margins")}
-    suite = json.loads((out / "eval.json").read_text())
+    suite = json.loads((out / "eval.json").read_text())  # the stage's end-of-run suite
     codes = sorted({f.code for f in read_findings(out / "diagnostics.jsonl") if f.severity != "info"})
     row: dict[str, float | str] = {
         "step0_loss": rows[0]["loss"],
         **mean,
         "max_margin": max(r["rewards/margins"] for r in rows),
-        "heldout_acc": suite.get("eval/rewards/accuracies", math.nan),
+        "heldout_acc": final_metrics(out).get("eval/rewards/accuracies", math.nan),
         "findings": ", ".join(codes) or "none",
     }
     for t in ("0.7", "1"):
-        aggregate = suite["suite"]["temperatures"][t]["aggregate"]
+        aggregate = suite["temperatures"][t]["aggregate"]
         row[f"gold@{t}"] = aggregate["gold"]["mean"]
         row[f"wellformed@{t}"] = 1 - aggregate["malformed"]["mean"]
         row[f"kl@{t}"] = aggregate["kl"]["mean"]
@@ -76,7 +76,7 @@ def main() -> None:
     for name, overrides in ARMS.items():
         out = Path(args.out) / name.split(":")[0]
         steps = args.num_pairs * args.epochs // overrides["batch_size"]  # the same passes over the pairs
-        dpo_stage(replace(base, out=str(out), max_steps=steps, **overrides))
+        dpo(replace(base, out=str(out), max_steps=steps, **overrides))
         results[name] = summarise(out)
         print(name, json.dumps(results[name]), flush=True)
     keys = list(next(iter(results.values())))

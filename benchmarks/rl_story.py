@@ -20,14 +20,15 @@ import torch
 from rlhflab.algorithms.grpo import GRPOConfig
 from rlhflab.algorithms.ppo import PPOConfig
 from rlhflab.diagnostics.findings import read_findings
-from rlhflab.stages import EvalStageConfig, evaluate, grpo, ppo
+from rlhflab.stages.evaluate import EvalCommandConfig, evaluate_model
+from rlhflab.stages.train import grpo, ppo
 from rlhflab.training.metrics import read_metrics
 
 
 def gold_at(model: str | None, task: str, args, out: Path) -> dict[str, float]:
     """Gold reward (mean and 95% CI) on the task's 16 eval prompts, 8 samples each, per temperature."""
-    results = evaluate(EvalStageConfig(out=str(out), task=task, task_size=args.size, model=model, cache_dir=args.cache_dir,
-                                       temperatures=[0.7, 1.0], threads=1, progress=False))
+    results = evaluate_model(EvalCommandConfig(out=str(out), task=task, task_size=args.size, model=model,
+                                              cache_dir=args.cache_dir, temperatures=[0.7, 1.0], threads=1, progress=False))
     return {t: round(block["aggregate"]["gold"]["mean"], 3) for t, block in results["temperatures"].items()}
 
 
@@ -38,7 +39,7 @@ def tail_mean(rows: list[dict], key: str, n: int = 5) -> float:
 
 def common(args, name: str) -> dict:
     return {"out": str(args.out / name), "task_size": args.size, "cache_dir": args.cache_dir, "threads": 1,
-            "progress": False, "max_steps": args.steps}
+            "progress": False, "max_steps": args.steps, "eval_temperatures": []}  # gold_at evaluates
 
 
 def story_a(args) -> dict:

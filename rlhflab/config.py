@@ -1,8 +1,10 @@
 """Typed run configs: dataclasses with working defaults, loaded from YAML, overridden from the CLI.
 
-One dataclass per stage (in its algorithm file), all sharing `RunConfig` for the fields every
-training command has. Every field is documented once, in the comment beside it. Unknown keys are
-errors that suggest the closest valid key.
+One dataclass per command (training commands in their algorithm file), sharing `TaskConfig` (what
+every command has) and `RunConfig` (what every training command has). Each field is declared once
+with `opt(default, "help", minimum=..., maximum=...)`: its help text and range live in the field's
+metadata, its allowed values in its type (`Literal[...]`). Subclasses may re-declare a field with a
+plain default; help and range are then inherited. Unknown keys are errors that suggest the closest.
 """
 
 from __future__ import annotations
@@ -15,65 +17,71 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from rlhflab.errors import InputError
 
 C = TypeVar("C")
+TaskName = Literal["reviews", "arithmetic"]
+
+
+def opt(default: Any, help: str = "", *, minimum: float | None = None, maximum: float | None = None,
+        flag_value: str | None = None) -> Any:
+    """A config field: its default, its help text and (for numbers) its range.
+
+    `flag_value`: what the option means when given bare on the command line (`--resume` = "auto")."""
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "flag_value": flag_value}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
-class RunConfig:
+class TaskConfig:
+    """The built-in task and its artefact cache: every command has these."""
+
+    task: TaskName | None = opt(None, "built-in task: builds and caches this command's prerequisites")
+    task_size: Literal["small", "tiny"] = opt("small", "which cached task artefacts: small (the demo) | tiny (smoke runs)")
+    cache_dir: str | None = opt(None, "task artefact cache (default $RLHFLAB_CACHE, else ~/.cache/rlhflab)")
+
+
+@dataclass
+class RunConfig(TaskConfig):
     """Fields shared by every training command (pretrain, sft, rm, dpo, ppo, grpo)."""
 
-    out: str = "runs/run"  # run folder: config.yaml, metrics.jsonl, diagnostics.jsonl, checkpoints/, model/
-    task: str | None = None  # built-in task (reviews | arithmetic): builds and caches this stage's prerequisites
-    model: str | None = None  # a local save_pretrained folder or a hub id; default: the task's cached model
-    data: str | None = None  # a data file, datasets folder or hub id in TRL format; default: the task's data
-    cache_dir: str | None = None  # task artefact cache (default $RLHFLAB_CACHE or ~/.cache/rlhflab)
-    seed: int = 0
-    max_steps: int = 100  # optimizer steps (RL: rollout steps)
-    batch_size: int = 16  # examples per optimizer step (RL: prompts per step)
-    grad_accum: int = 1  # micro-batches per optimizer step; the loss is normalised over all of them
-    lr: float = 1e-4
-    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup_ratio: float = 0.05  # fraction of max_steps spent warming up linearly from 0
-    min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr * min_lr_ratio
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
-    log_every: int = 1  # write a metrics line every N steps
-    eval_every: int = 0  # the recipe's held-out evaluate() every N steps (and after the last); 0: only after the last
-    checkpoint_every: int = 0  # write a resumable checkpoint every N steps; 0: only at the end
-    keep_checkpoints: int = 2  # how many checkpoints to keep
-    resume: str | None = None  # a checkpoint folder, or "auto": the newest valid one in `out`
-    on_nonfinite: str = "stop"  # stop | skip: what to do when the loss or gradients are NaN/inf
-    max_nonfinite_skips: int = 5  # with on_nonfinite=skip, stop after this many consecutive bad steps
-    threads: int = 0  # torch threads; 0: all cores
-    precision: str = "fp32"  # fp32 | bf16: bf16 autocast in forwards and sampling (TRL's bf16=True); weights stay fp32
-    trust_remote_code: bool = False  # allow custom model code from a model folder / hub id
-    progress: bool = True  # rich progress bar
+    out: str = opt("runs/run", "run folder: config.yaml, metrics.jsonl, diagnostics.jsonl, checkpoints/, model/")
+    model: str | None = opt(None, "a local save_pretrained folder or a hub id; default: the task's cached model")
+    data: str | None = opt(None, "a data file, datasets folder or hub id in TRL format; default: the task's data")
+    seed: int = opt(0, "seed of initialisation, data order and sampling", minimum=0, maximum=2**32 - 1)
+    max_steps: int = opt(100, "optimizer steps (RL: rollout steps)", minimum=0)
+    batch_size: int = opt(16, "examples per optimizer step (RL: prompts per step)", minimum=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step; the loss is normalised over all of them", minimum=1)
+    lr: float = opt(1e-4, "peak learning rate", minimum=0.0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
+    warmup_ratio: float = opt(0.05, "fraction of max_steps spent warming up linearly from 0", minimum=0.0, maximum=1.0)
+    min_lr_ratio: float = opt(0.1, "cosine/linear decay ends at lr * min_lr_ratio", minimum=0.0, maximum=1.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0.0)
+    adam_beta2: float = opt(0.999, "AdamW beta2", minimum=0.0, maximum=1.0)
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm; 0 disables", minimum=0.0)
+    log_every: int = opt(1, "write a metrics line every N steps", minimum=1)
+    eval_every: int = opt(0, "held-out metrics every N steps (and always at the end); 0: only at the end", minimum=0)
+    eval_prompts: str | None = opt(None, "prompt-only file for the end-of-run evaluation (default: the task's 16)")
+    eval_temperatures: list[float] = opt([0.3, 0.7, 1.0], "end-of-run evaluation suite temperatures; empty: none")
+    eval_samples_per_prompt: int = opt(8, "end-of-run evaluation samples per prompt and temperature", minimum=1)
+    checkpoint_every: int = opt(0, "write a resumable checkpoint every N steps; 0: only at the end", minimum=0)
+    keep_checkpoints: int = opt(2, "how many checkpoints to keep", minimum=1)
+    resume: str | None = opt(None, "a checkpoint folder, or auto (a bare --resume): the newest valid one in --out",
+                             flag_value="auto")
+    on_nonfinite: Literal["stop", "skip"] = opt("stop", "what to do when the loss or gradients are NaN/inf")
+    max_nonfinite_skips: int = opt(5, "with on_nonfinite=skip, stop after this many consecutive bad steps", minimum=0)
+    threads: int = opt(0, "torch threads; 0: all cores", minimum=0)
+    precision: Literal["fp32", "bf16"] = opt(
+        "fp32", "bf16: autocast in forwards and sampling (TRL's bf16=True); weights stay fp32")
+    trust_remote_code: bool = opt(False, "allow custom model code from a model folder / hub id")
+    progress: bool = opt(True, "rich progress bar")
 
-
-# Values a RunConfig field must take; checked wherever a config is built from YAML or the CLI.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "lr_schedule": ("cosine", "linear", "constant"),
-    "on_nonfinite": ("stop", "skip"),
-    "precision": ("fp32", "bf16"),
-    "pooling": ("last", "mean"),
-    "loss_agg": ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"),
-    "scale_rewards": ("group", "batch", "none"),
-    "advantage_estimator": ("grpo", "rloo"),
-    "importance_sampling_level": ("token", "sequence"),
-}
-MINIMUM: dict[str, int | float] = {
-    "seed": 0, "max_steps": 0, "batch_size": 1, "grad_accum": 1, "lr": 0.0, "warmup_ratio": 0.0, "min_lr_ratio": 0.0,
-    "weight_decay": 0.0, "adam_beta2": 0.0, "max_grad_norm": 0.0, "log_every": 1, "checkpoint_every": 0,
-    "keep_checkpoints": 1, "max_nonfinite_skips": 0,
-}  # fmt: skip
-MAXIMUM: dict[str, int | float] = {"seed": 2**32 - 1, "warmup_ratio": 1.0, "min_lr_ratio": 1.0, "adam_beta2": 1.0}
 
 _short = reprlib.Repr()  # values quoted in messages stay short, whatever a YAML file holds
 _short.maxstring, _short.maxother, _short.maxlong, _short.maxlevel = 80, 80, 40, 3
@@ -81,6 +89,35 @@ _short.maxstring, _short.maxother, _short.maxlong, _short.maxlevel = 80, 80, 40,
 
 def field_names(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
+
+
+def field_info(cls: type, name: str) -> dict[str, Any]:
+    """A field's metadata (help, minimum, maximum, flag_value), inherited through re-declarations."""
+    info: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        declared = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if declared is not None and declared.metadata:
+            info.update({k: v for k, v in declared.metadata.items() if v not in (None, "")})
+    return info
+
+
+def declaring_class(cls: type, name: str) -> type:
+    """The most basic class of `cls`'s hierarchy that declares field `name` (its help group)."""
+    for klass in reversed(cls.__mro__):
+        if name in getattr(klass, "__annotations__", {}):
+            return klass
+    return cls
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def choices_of(hint: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a `Literal[...]` (or `Literal[...] | None`) type; None for other types."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -98,6 +135,12 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
             return None
         hint = args[0]
         origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if not isinstance(value, str | int | float) or str(value) not in [str(a) for a in allowed]:
+            raise InputError(f"must be one of {', '.join(map(str, allowed))}, got {_short.repr(value)}",
+                             file=source, field=key)
+        return allowed[[str(a) for a in allowed].index(str(value))]
     if origin in (list, tuple):
         (item_type,) = typing.get_args(hint)[:1] or (str,)
         if isinstance(value, str):
@@ -106,38 +149,56 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
             raise InputError(f"expected a list, got {_short.repr(value)}", file=source, field=key)
         return [_coerce(v, item_type, key, source) for v in value]
     try:
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if hint is float:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if not math.isfinite(number):
-                raise InputError(f"expected a finite number, got {_short.repr(value)}", file=source, field=key)
-            return number
-        if hint is str:
-            if not isinstance(value, str | int | float) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
+        return _coerce_scalar(value, hint, key, source)
     except (TypeError, ValueError, OverflowError):
         name = getattr(hint, "__name__", str(hint))
         raise InputError(f"expected {name}, got {_short.repr(value)}", file=source, field=key) from None
+
+
+def _coerce_scalar(value: Any, hint: Any, key: str, source: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number):
+            raise InputError(f"expected a finite number, got {_short.repr(value)}", file=source, field=key)
+        return number
+    if hint is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ValueError
+        return str(value)
     return value
 
 
+def coerce_field(cls: type, key: str, value: Any, source: str) -> Any:
+    """`value` as field `key` of `cls` takes it: converted to its type, checked against its range."""
+    converted = _coerce(value, typing.get_type_hints(cls)[key], key, source)
+    info = field_info(cls, key)
+    numbers = converted if isinstance(converted, list) else [converted]
+    for number in numbers:
+        if number is None or isinstance(number, str | bool):
+            continue
+        if info.get("minimum") is not None and number < info["minimum"]:
+            raise InputError(f"must be at least {info['minimum']}, got {number}", file=source, field=key)
+        if info.get("maximum") is not None and number > info["maximum"]:
+            raise InputError(f"must be at most {info['maximum']}, got {number}", file=source, field=key)
+    return converted
+
+
 def build_config(cls: type[C], values: dict[str, Any], source: str = "<config>") -> C:
-    """Make a `cls` from a dict, checking keys and types. Keys may use '-' or '_'."""
-    hints = typing.get_type_hints(cls)
+    """Make a `cls` from a dict, checking keys, types, choices and ranges. Keys may use '-' or '_'."""
     valid = field_names(cls)
     kwargs = {}
     for raw_key, value in values.items():
@@ -145,73 +206,41 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "<config>")
         if key not in valid:
             shown = _short.repr(raw_key)[1:-1] if isinstance(raw_key, str) else _short.repr(raw_key)
             raise InputError(f"unknown key '{shown}'.{_suggest(key[:100], valid)}", file=source, field=shown)
-        kwargs[key] = _coerce(value, hints[key], key, source)
-        _check_range(key, kwargs[key], source)
+        kwargs[key] = coerce_field(cls, key, value, source)
     return cls(**kwargs)
 
 
-def _check_range(key: str, value: Any, source: str) -> None:
-    if value is None:
-        return
-    if key in CHOICES and value not in CHOICES[key]:
-        raise InputError(f"must be one of {', '.join(CHOICES[key])}, got {_short.repr(value)}", file=source, field=key)
-    if key in MINIMUM and value < MINIMUM[key]:
-        raise InputError(f"must be at least {MINIMUM[key]}, got {value}", file=source, field=key)
-    if key in MAXIMUM and value > MAXIMUM[key]:
-        raise InputError(f"must be at most {MAXIMUM[key]}, got {value}", file=source, field=key)
+def read_yaml_mapping(config_file: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping; anything else is an InputError naming the file (and line)."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise InputError("config file not found", file=config_file)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: an int of > 4300 digits
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        raise InputError(f"not valid YAML: {exc}", file=config_file, line=None if line is None else line + 1) from None
+    except RecursionError:
+        raise InputError("not a usable config: nested too deeply", file=config_file) from None
+    except OSError as exc:
+        raise InputError(f"cannot read the config file: {exc.strerror or exc}", file=config_file) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise InputError("a config file must be a mapping of key: value", file=config_file)
+    return loaded
 
 
 def load_config(cls: type[C], config_file: str | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Defaults, then the YAML file, then CLI overrides (strings, coerced to the field types)."""
+    """Defaults, then the YAML file, then overrides (from the CLI: strings, coerced to the field types)."""
     values: dict[str, Any] = {}
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise InputError("config file not found", file=config_file)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: an int of > 4300 digits
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            raise InputError(f"not valid YAML: {exc}", file=config_file, line=None if line is None else line + 1) from None
-        except RecursionError:
-            raise InputError("not a usable config: nested too deeply", file=config_file) from None
-        except OSError as exc:
-            raise InputError(f"cannot read the config file: {exc.strerror or exc}", file=config_file) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise InputError("a config file must be a mapping of key: value", file=config_file)
+        loaded = read_yaml_mapping(config_file)
         build_config(cls, loaded, source=config_file)  # validate the file on its own, naming it
-        values.update(loaded)
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
     for key, value in (overrides or {}).items():
         values[key.replace("-", "_")] = value
-    return build_config(cls, {k.replace("-", "_"): v for k, v in values.items()}, source=config_file or "<cli>")
-
-
-def parse_cli_overrides(args: list[str]) -> tuple[str | None, dict[str, str]]:
-    """`--key value`, `--key=value` and bare `--flag` (true) / `--no-flag` (false) -> (config_file, overrides)."""
-    overrides: dict[str, str] = {}
-    config_file = None
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or arg == "--":
-            raise InputError(f"unexpected argument '{arg}' (options look like --key value)", file="<cli>")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                value = args[i + 1]
-                i += 1
-            elif key.startswith("no-"):
-                key, value = key[3:], "false"
-            else:
-                value = "true"
-        if key == "config":
-            config_file = value
-        else:
-            overrides[key.replace("-", "_")] = value
-        i += 1
-    return config_file, overrides
+    return build_config(cls, values, source=config_file or "<cli>")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -220,21 +249,3 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
-
-
-def describe_fields(cls: type) -> str:
-    """One line per field with its default and the comment written beside it (for --help)."""
-    import inspect
-
-    comments = {}
-    for klass in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(klass):
-            for line in inspect.getsource(klass).splitlines():
-                name, _, rest = line.strip().partition(":")
-                if "#" in rest and name.isidentifier():
-                    comments[name] = rest.split("#", 1)[1].strip()
-    lines = []
-    for f in fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"--{f.name.replace('_', '-')} (default {default!r})  {comments.get(f.name, '')}".rstrip())
-    return "\n".join(lines)

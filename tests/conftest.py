@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_artefacts(tmp_path_factory):
     """Tiny cached task artefacts (base, SFT, pairs, reward model), shared by every test and xdist worker."""
-    from rlhflab.pipeline import TaskArtefacts
+    from rlhflab.stages.artefacts import TaskArtefacts
 
     def make(task: str = "reviews"):
         cache = tmp_path_factory.getbasetemp().parent / "rlhflab-cache"
@@ -30,7 +30,7 @@ def tiny_artefacts(tmp_path_factory):
 def inputs(tiny_artefacts, tmp_path_factory) -> dict[str, str]:
     """For the reliability tests (resume, faults, signals, reproducibility): paths of the tiny task artefacts and
     a 17-pair preference file (16 train + 1 held out). test_distributed.py has its own `inputs`."""
-    from rlhflab.pipeline import base_model, preference_pairs, reward_model, sft_model
+    from rlhflab.stages.artefacts import base_model, preference_pairs, reward_model, sft_model
 
     a = tiny_artefacts("reviews")
     root = tmp_path_factory.mktemp("reliability-inputs")

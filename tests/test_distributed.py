@@ -19,10 +19,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from click.testing import CliRunner
 from helpers import task_tokenizer
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-from typer.testing import CliRunner
 
 from rlhflab.cli import app
 from rlhflab.config import RunConfig
@@ -251,8 +251,13 @@ def test_two_processes_train_as_one(inputs, tmp_path):
         trained = load_file(two / command / "model" / "model.safetensors")
         moved = max((trained[key] - start[key]).abs().max().item() for key in start)
         assert moved > 1e-3, f"{command}: the policy did not move, so equal weights prove nothing"
-    for command in ("rm", "dpo"):  # held-out metrics: the recipes' evaluate() on the metrics lines (no eval.json)
+    for command in ("rm", "dpo"):  # their held-out metrics end metrics.jsonl, compared line by line
         _assert_same_run(one / command, two / command)
+        assert (one / command / "eval.json").is_file() == (two / command / "eval.json").is_file()
+        if (one / command / "eval.json").is_file():
+            assert json.loads((two / command / "eval.json").read_text()) == pytest.approx(
+                json.loads((one / command / "eval.json").read_text()), rel=1e-4, abs=1e-5
+            )
 
 
 @pytest.mark.slow  # a torchrun launch of its own: about 45 s on 2 shared cores

@@ -25,6 +25,7 @@ from rlhflab.core.losses import orpo_loss, simpo_loss
 from rlhflab.data.collate import collate_sequences, pack_pairs, tokenize_preference
 from rlhflab.data.loading import from_records
 from rlhflab.diagnostics.findings import read_findings
+from rlhflab.stages.artefacts import reference_logps_dir
 from rlhflab.tasks.reviews import ReviewsTask
 from rlhflab.training.data_order import EpochSampler
 from rlhflab.training.loop import train
@@ -81,7 +82,7 @@ def _recipe(tokenizer, pairs, cfg, calls: list | None = None) -> DPORecipe:
             calls.append(1)
         return copy.deepcopy(frozen)
 
-    dirs = reference_cache_dirs(cfg, Path(cfg.out), Path(cfg.cache_dir) / "reference-logps")
+    dirs = reference_cache_dirs(cfg, Path(cfg.out), reference_logps_dir(cfg.cache_dir))
     return DPORecipe(model, pairs[:40], cfg, tokenizer.pad_token_id, load_reference, pairs[40:], dirs)
 
 
@@ -133,6 +134,7 @@ def test_run_writes_run_folder(tokenizer, pairs, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]  # no line appended after the loop's
     for name in TRL_NAMES:
         assert name in rows[0], name
+    assert "eval/rewards/accuracies" in rows[0] and "eval/rewards/accuracies" in rows[-1]
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-4
     findings = read_findings(out / "diagnostics.jsonl")
     assert [(f.code, f.severity) for f in findings][:1] == [("dpo.start_not_ln2", "info")]

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-from typer.testing import CliRunner
 
 from rlhflab.cli import app
-from rlhflab.pipeline import preference_pairs, reward_model, sft_model
+from rlhflab.stages.artefacts import preference_pairs, reward_model, sft_model
 from rlhflab.tasks import get_task
 
 runner = CliRunner()
 # the module that builds and caches the --task artefacts; its trainers are replaced to prove a cache hit trains nothing
-ARTEFACTS_MODULE = "rlhflab.pipeline"
+ARTEFACTS_MODULE = "rlhflab.stages.artefacts"
 
 
 def test_artefacts_load_into_transformers(tiny_artefacts):
@@ -138,7 +138,7 @@ def test_grpo_reward_fn_reads_a_field_of_the_prompt_file(tmp_path, tiny_artefact
 def test_cli_unknown_option_suggests():
     result = runner.invoke(app, ["sft", "--bach-size", "4"])
     assert result.exit_code == 2
-    assert "batch_size" in result.output
+    assert "--batch-size" in result.output
 
 
 def test_sft_stops_on_mask_mismatch(tmp_path):

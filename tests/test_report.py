@@ -15,8 +15,8 @@ import pytest
 
 from rlhflab.config import RunConfig
 from rlhflab.report.document import write_report
+from rlhflab.stages import Command
 from rlhflab.study.config import StudyConfig, expand_arms
-from rlhflab.study.registry import Algorithm, register
 from rlhflab.study.runner import eval_settings, run_dir, write_study_json
 
 PROMPTS = [f"the film was {i}" for i in range(16)]
@@ -56,15 +56,14 @@ def write_metrics(folder, kind: str) -> None:
 
 @pytest.fixture
 def study_folder(tmp_path):
-    register("stub_dpo", Algorithm(StubConfig, lambda cfg: None))
-    register("stub_grpo", Algorithm(StubConfig, lambda cfg: None))
+    stubs = {name: Command(StubConfig, lambda cfg: None, name) for name in ("stub_dpo", "stub_grpo")}
     cfg = StudyConfig(out=str(tmp_path / "study"), seeds=[0, 1], temperatures=[0.7, 0.3], name="synthetic", arms=[
         {"algorithm": "stub_dpo", "group": "phase1", "params": {"beta": 0.1}},
         {"algorithm": "stub_grpo", "group": "phase1"},
         {"algorithm": "stub_dpo", "group": "tuned", "params": {"beta": 0.3}},
         {"algorithm": "stub_grpo", "group": "tuned", "grid": {"group_size": [8]}},
     ])  # fmt: skip
-    arms = expand_arms(cfg)
+    arms = expand_arms(cfg, commands=stubs)
     offsets = {"sft": 0.0, "stub_dpo-phase1": 0.3, "stub_grpo-phase1": 0.8, "stub_dpo-tuned": 0.9,
                "stub_grpo-tuned-group_size8": 0.35}  # fmt: skip
     for arm in arms:

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from fault_launcher import Faults
 from helpers import TIMING_KEYS
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from rlhflab.cli import app
 from rlhflab.training.checkpoint import list_checkpoints, verify_checkpoint
@@ -61,7 +61,8 @@ STEPS_PER_EPOCH = {"pretrain": 4, "sft": 4, "rm": 4, "dpo": 4, "ppo": 4, "grpo":
 
 def command(name: str, inputs: dict[str, str], out: Path, *extra: str, max_steps: int = MAX_STEPS) -> list[str]:
     return [*_commands(inputs)[name], "--out", str(out), "--seed", "1", "--threads", "1", "--no-progress",
-            "--max-steps", str(max_steps), "--checkpoint-every", str(CHECKPOINT_EVERY), *extra]
+            "--max-steps", str(max_steps), "--checkpoint-every", str(CHECKPOINT_EVERY),
+            "--eval-temperatures", "", *extra]  # no end-of-run evaluation: resume is about training
 
 
 class SimulatedKill(BaseException):

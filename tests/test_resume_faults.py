@@ -209,14 +209,13 @@ def test_pickle_only_model_folder_is_refused(name, flag, inputs, pickle_only_mod
     assert not MARKER.exists()
 
 
-def test_remote_code_is_off_by_default(inputs, tmp_path):
-    from rlhflab import stages
+def test_remote_code_is_off_by_default(inputs, tmp_path, monkeypatch):
     from rlhflab.algorithms.dpo import DPOConfig
     from rlhflab.algorithms.grpo import GRPOConfig
     from rlhflab.algorithms.ppo import PPOConfig
+    from rlhflab.stages import COMMANDS
 
-    for cls in (stages.PretrainConfig, stages.SFTConfig, stages.RewardModelConfig, stages.EvalStageConfig, DPOConfig,
-                PPOConfig, GRPOConfig):
+    for cls in (*(entry.config for entry in COMMANDS.values()), DPOConfig, PPOConfig, GRPOConfig):
         assert {f.name: f.default for f in dataclasses.fields(cls)}["trust_remote_code"] is False, cls
     MARKER.unlink(missing_ok=True)
     folder = tmp_path / "remote-code-model"

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import yaml
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 
 def test_demo_runs_a_study_and_prints_the_report_path(tiny_artefacts, tmp_path):

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from rlhflab.config import RunConfig
-from rlhflab.pipeline import sft_model
-from rlhflab.study.config import StudyConfig
-from rlhflab.study.registry import Algorithm, register
+from rlhflab.report.document import write_report
+from rlhflab.stages import Command
+from rlhflab.stages.artefacts import sft_model
+from rlhflab.stages.train import final_metrics
+from rlhflab.study.config import ARM_COMMANDS, StudyConfig
 from rlhflab.study.runner import run_study
 
 CALLS: list[tuple[str, int, float]] = []
@@ -27,7 +29,7 @@ class StubConfig(RunConfig):
 
 def stub_stage(cfg: StubConfig) -> Path:
     """'Trains' by copying the SFT model; logs a few metric lines and one finding, like a real run."""
-    from rlhflab.pipeline import TaskArtefacts
+    from rlhflab.stages.artefacts import TaskArtefacts
     from rlhflab.training.loop import start_run
 
     CALLS.append((Path(cfg.out).parent.name, cfg.seed, cfg.beta))
@@ -42,9 +44,11 @@ def stub_stage(cfg: StubConfig) -> Path:
     return out / "model"
 
 
+STUB = {**ARM_COMMANDS, "stub": Command(StubConfig, stub_stage, "a stub that copies the SFT model")}
+
+
 @pytest.fixture
 def study(tiny_artefacts, tmp_path):
-    register("stub", Algorithm(StubConfig, stub_stage))
     a = tiny_artefacts("reviews")
     CALLS.clear()
     return StudyConfig(
@@ -55,7 +59,8 @@ def study(tiny_artefacts, tmp_path):
 
 
 def test_study_runs_every_arm_and_seed_then_skips_finished_runs(study):
-    report = run_study(study)
+    assert run_study(study, STUB) == Path(study.out) / "study.json"
+    report = write_report(Path(study.out))
     assert sorted(CALLS) == [("stub-beta0.1", 0, 0.1), ("stub-beta0.1", 1, 0.1), ("stub-beta0.5", 0, 0.5),
                              ("stub-beta0.5", 1, 0.5)]  # fmt: skip
     out = Path(study.out)
@@ -72,31 +77,32 @@ def test_study_runs_every_arm_and_seed_then_skips_finished_runs(study):
     assert (out / "runs" / "stub-beta0.5" / "seed-1" / "config.yaml").is_file()
 
     CALLS.clear()
-    run_study(study)  # everything finished: nothing trains, nothing is re-evaluated
+    run_study(study, STUB)  # everything finished: nothing trains, nothing is re-evaluated
     assert CALLS == []
     partial = out / "runs" / "stub-beta0.5" / "seed-1"
     shutil.rmtree(partial / "model")  # a run killed before saving its model restarts from scratch ...
     RESUMES.clear()
-    run_study(study)
+    run_study(study, STUB)
     assert CALLS == [("stub-beta0.5", 1, 0.5)] and RESUMES == [(None, False)]
     shutil.rmtree(partial / "model")  # ... or, with --resume auto, continues in its folder
     RESUMES.clear()
-    run_study(replace(study, resume="auto"))
+    run_study(replace(study, resume="auto"), STUB)
     assert RESUMES == [("auto", True)]
 
 
 def test_study_command_from_a_yaml_file(study, tmp_path):
-    from rlhflab.cli import app
+    from rlhflab.cli import app, run_study_command, study_command
 
+    study_with_stub = study_command(run=lambda cfg: run_study_command(cfg, STUB))
     values = {k: v for k, v in vars(study).items() if k not in ("out", "seeds")}
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(values))
     out = tmp_path / "cli-study"
-    result = CliRunner().invoke(app, ["study", str(path), "--out", str(out), "--seeds", "3"])
+    result = CliRunner().invoke(study_with_stub, [str(path), "--out", str(out), "--seeds", "3"])
     assert result.exit_code == 0, result.output
     assert sorted(CALLS) == [("stub-beta0.1", 3, 0.1), ("stub-beta0.5", 3, 0.5)]
     assert (out / "report.html").is_file() and (out / "study.json").is_file()
-    bad = CliRunner().invoke(app, ["study", str(path), "--sedes", "3"])
+    bad = CliRunner().invoke(study_with_stub, [str(path), "--sedes", "3"])
     assert bad.exit_code == 2 and "seeds" in bad.output
     report = CliRunner().invoke(app, ["report", str(out / "runs" / "stub-beta0.1" / "seed-3")])
     assert report.exit_code == 0, report.output
@@ -121,6 +127,9 @@ def test_real_dpo_and_grpo_arms(tiny_artefacts, tmp_path):
         saved = yaml.safe_load((run / "config.yaml").read_text())
         assert saved["task_size"] == "tiny" and saved["seed"] == 0
     assert yaml.safe_load((out / "runs" / "dpo" / "seed-0" / "config.yaml").read_text())["beta"] == 0.3
+    dpo_run = out / "runs" / "dpo" / "seed-0"
+    assert "eval/rewards/accuracies" in final_metrics(dpo_run)  # DPO's held-out metrics end its log
+    assert not (dpo_run / "train_eval.json").exists()  # the study evaluates; the stage's own suite is off
     result = json.loads((out / "study.json").read_text())
     assert set(result["temperatures"]["1"]["paired"]) == {"dpo", "grpo", "ppo"}
     assert [a["max_steps"] for a in result["arms"]] == [0, 2, 1, 1]
@@ -132,8 +141,9 @@ def test_a_stopped_run_is_reported_and_the_study_goes_on(study):
     def stopped(cfg):
         raise TrainingStopped("dpo.start_not_ln2: the log-probs are wrong", 1)
 
-    register("broken", Algorithm(StubConfig, stopped))
-    report = run_study(replace(study, seeds=[0], arms=[{"algorithm": "broken"}, {"algorithm": "stub"}]))
+    commands = {**STUB, "broken": Command(StubConfig, stopped, "always stopped")}
+    run_study(replace(study, seeds=[0], arms=[{"algorithm": "broken"}, {"algorithm": "stub"}]), commands)
+    report = write_report(Path(study.out))
     result = json.loads((Path(study.out) / "study.json").read_text())
     assert list(result["shared"]["failed"]) == ["broken/seed-0"]
     assert set(result["temperatures"]["1"]["summary"]) == {"sft", "stub"}
@@ -145,8 +155,8 @@ def test_changed_arm_params_retrain_instead_of_reusing_the_old_run(study):
     from rlhflab.study.runner import is_trained
 
     cfg = study
-    run_study(cfg)
-    arm = next(a for a in expand_arms(cfg, source="test") if a.algorithm != "sft")
-    assert is_trained(cfg, arm, cfg.seeds[0])
+    run_study(cfg, STUB)
+    arm = next(a for a in expand_arms(cfg, source="test", commands=STUB) if a.algorithm != "sft")
+    assert is_trained(cfg, arm, cfg.seeds[0], STUB)
     changed = replace(arm, params={**arm.params, "lr": 0.123})
-    assert not is_trained(cfg, changed, cfg.seeds[0])
+    assert not is_trained(cfg, changed, cfg.seeds[0], STUB)

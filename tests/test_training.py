@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import without_timing
 
-from rlhflab.config import RunConfig, load_config, parse_cli_overrides
+from rlhflab.config import RunConfig, load_config
 from rlhflab.errors import InputError
 from rlhflab.training import loop
 from rlhflab.training.checkpoint import (
@@ -303,9 +303,15 @@ class _Cfg(RunConfig):
 def test_config_yaml_then_cli_overrides(tmp_path):
     file = tmp_path / "c.yaml"
     file.write_text("beta: 0.3\nbatch_size: 4\n")
-    config_file, overrides = parse_cli_overrides(["--config", str(file), "--batch-size", "8", "--no-progress",
-                                                  "--temperatures=0.3,0.7"])
-    cfg = load_config(_Cfg, config_file, overrides)
+    from click.testing import CliRunner
+
+    from rlhflab.cli import make_command
+
+    parsed = []
+    result = CliRunner().invoke(make_command("test", _Cfg, parsed.append, "test"), [
+        "--config", str(file), "--batch-size", "8", "--no-progress", "--temperatures=0.3,0.7"])
+    assert result.exit_code == 0, result.output
+    cfg = parsed[0]
     assert (cfg.beta, cfg.batch_size, cfg.progress, cfg.temperatures) == (0.3, 8, False, [0.3, 0.7])
 
 

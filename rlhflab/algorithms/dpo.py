@@ -23,14 +23,14 @@ losses (`simpo`, `orpo`: core/losses.py) use no reference at all. Held-out metri
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from rlhflab.algorithms.reference_cache import ReferenceCache, pair_key, weights_fingerprint
-from rlhflab.config import RunConfig
+from rlhflab.config import RunConfig, opt
 from rlhflab.core.losses import dpo_loss, orpo_loss, simpo_loss
 from rlhflab.core.packing import PackedBatch, packed_forward
 from rlhflab.data.collate import Pair, pack_pairs, pair_groups
@@ -54,32 +54,28 @@ REFERENCE_FREE = ("simpo", "orpo")  # loss types on the policy's length-normalis
 class DPOConfig(RunConfig):
     lr: float = 1e-4
     max_steps: int = 150
-    batch_size: int = 16  # preference pairs per optimizer step
-    beta: float = 0.1  # β: rewards are β·log(π/π_ref); larger keeps the policy closer to the reference
-    loss_type: str = "sigmoid"  # TRL's names: sigmoid hinge ipo robust exo_pair nca_pair bco_pair sppo_hard apo_zero apo_down
-    label_smoothing: float = 0.0  # ε of conservative DPO (sigmoid), robust and exo_pair
-    sft_weight: float = (
-        0.0  # adds sft_weight × mean NLL per token of the chosen response (RPO; TRL's rpo_alpha)
-    )
-    max_prompt_tokens: int = 64  # longer prompts keep their last tokens
-    max_completion_tokens: int = 64  # longer responses are cut (and have no EOS)
-    max_row_tokens: int = 256  # packed row budget; attention is quadratic in it, so keep it a few pairs long
-    live_reference: bool = False  # keep the reference model and recompute its log-probs every step
-    share_reference_cache: bool = (
-        True  # also read/write CACHE/reference-logps/ (shared by runs of one reference)
-    )
-    eval_fraction: float = 0.05  # held-out share of the pairs, for implicit-reward accuracy
-    eval_every: int = 25  # held-out accuracy every N steps (and at the end); 0: only at the end
-    max_margin: float = 10.0  # dpo.margin_explosion: healthy mean margin upper bound
-    explosion_max_loss: float = 0.05  # ... and it fires only while the loss is below this
-    explosion_min_accuracy: float = 0.95  # ... and train accuracy at least this
-    monitor_window: int = 10  # steps averaged by the margin and overfit monitors
-    eval_temperatures: list[float] = field(
-        default_factory=lambda: [0.3, 0.7, 1.0]
-    )  # end-of-run evaluation suite (with --task)
-    eval_samples_per_prompt: int = 8
-    task_size: str = "small"  # small | tiny: which cached task artefacts --task uses
-    simpo_gamma: float = 0.5  # γ of loss_type simpo: the target margin (TRL's CPOConfig.simpo_gamma)
+    batch_size: int = opt(16, "preference pairs per optimizer step", minimum=1)
+    beta: float = opt(0.1, "β: rewards are β·log(π/π_ref); larger keeps the policy closer to the reference", minimum=0.0)
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+                       "apo_down", "simpo", "orpo"] = opt(
+        "sigmoid", "DPO-family loss, TRL's names (core/losses.py); simpo and orpo need no reference")
+    label_smoothing: float = opt(0.0, "ε of conservative DPO (sigmoid), robust and exo_pair", minimum=0.0, maximum=1.0)
+    sft_weight: float = opt(0.0, "adds sft_weight × mean NLL per token of the chosen response (RPO; TRL's rpo_alpha)",
+                            minimum=0.0)
+    simpo_gamma: float = opt(0.5, "γ of loss_type simpo: the target margin (TRL's CPOConfig.simpo_gamma)")
+    max_prompt_tokens: int = opt(64, "longer prompts keep their last tokens", minimum=1)
+    max_completion_tokens: int = opt(64, "longer responses are cut (and have no EOS)", minimum=1)
+    max_row_tokens: int = opt(256, "packed row budget; attention is quadratic in it, so keep it a few pairs long",
+                              minimum=2)
+    live_reference: bool = opt(False, "keep the reference model and recompute its log-probs every step")
+    share_reference_cache: bool = opt(True, "also read/write CACHE/reference-logps/ (shared by runs of one reference)")
+    eval_fraction: float = opt(0.05, "held-out share of the pairs, for implicit-reward accuracy", minimum=0.0,
+                               maximum=1.0)
+    eval_every: int = 25
+    max_margin: float = opt(10.0, "dpo.margin_explosion: healthy mean margin upper bound")
+    explosion_max_loss: float = opt(0.05, "... and it fires only while the loss is below this")
+    explosion_min_accuracy: float = opt(0.95, "... and train accuracy at least this", minimum=0.0, maximum=1.0)
+    monitor_window: int = opt(10, "steps averaged by the margin and overfit monitors", minimum=1)
 
 
 def pair_logps(model: torch.nn.Module, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -48,6 +48,7 @@ from rlhflab.algorithms.rollout import (
     step_seeds,
     train_rollout,
 )
+from rlhflab.config import opt
 from rlhflab.core.advantages import group_advantages, group_reward_std, rloo_advantages
 from rlhflab.core.kl import kl_k3
 from rlhflab.core.policy_loss import aggregate, clipped_surrogate, masked_mean, sequence_level_logps
@@ -59,15 +60,20 @@ from rlhflab.training.sharding import plan_micro_batches
 
 @dataclass
 class GRPOConfig(RolloutConfig):
-    beta: float = 0.04  # k3 KL-to-reference coefficient; 0: no reference model is loaded
-    clip_eps_high: float | None = None  # ε_high (DAPO clip-higher, e.g. 0.28); default: clip_eps
-    loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
-    scale_rewards: str = "group"  # group | batch | none: divide centred rewards by the group's std, the batch's, or nothing
-    advantage_estimator: str = "grpo"  # grpo (above) | rloo: r_i minus the mean of the other k−1 (Ahmadian et al. 2024)
-    num_iterations: int = 1  # optimizer updates per rollout batch (μ in the paper); > 1 computes old log-probs
-    mask_truncated_completions: bool = False  # DAPO: completions that never emitted EOS are left out of the loss
-    importance_sampling_level: str = "token"  # token | sequence (GSPO: one ratio per completion, its tokens' geometric mean)
-    drop_zero_std_groups: bool = False  # groups whose rewards all tie (advantage 0) are left out of the loss and its normalisation
+    beta: float = opt(0.04, "k3 KL-to-reference coefficient; 0: no reference model is loaded", minimum=0.0)
+    clip_eps_high: float | None = opt(None, "ε_high (DAPO clip-higher, e.g. 0.28); default: clip_eps", minimum=0.0)
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = opt(
+        "seq_mean_token_mean", "seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)")
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "group", "divide centred rewards by the group's std, the batch's, or nothing")
+    advantage_estimator: Literal["grpo", "rloo"] = opt(
+        "grpo", "grpo: group-centred | rloo: r_i minus the mean of the other k−1 (Ahmadian et al. 2024)")
+    num_iterations: int = opt(1, "optimizer updates per rollout batch (μ); > 1 computes old log-probs", minimum=1)
+    mask_truncated_completions: bool = opt(False, "DAPO: completions that never emitted EOS are left out of the loss")
+    importance_sampling_level: Literal["token", "sequence"] = opt(
+        "token", "sequence: GSPO, one ratio per completion, its tokens' geometric mean")
+    drop_zero_std_groups: bool = opt(
+        False, "groups whose rewards all tie (advantage 0) are left out of the loss and its normalisation")
 
 
 class GRPORecipe:

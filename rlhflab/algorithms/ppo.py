@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -46,6 +46,7 @@ from rlhflab.algorithms.rollout import (
     step_seeds,
     train_rollout,
 )
+from rlhflab.config import opt
 from rlhflab.core.advantages import gae, whiten
 from rlhflab.core.kl import get_kl_estimator
 from rlhflab.core.packing import completion_mask
@@ -59,22 +60,23 @@ from rlhflab.training.sharding import assemble_rows, check_divisible, plan_micro
 
 @dataclass
 class PPOConfig(RolloutConfig):
-    batch_size: int = 16  # prompts per rollout step; completions per step = batch_size × group_size
-    group_size: int = 1  # completions sampled per prompt
-    kl_coef: float = 0.05  # β of the per-token KL penalty in the reward (initial value when adaptive)
-    kl_estimator: str = "k1"  # k1 | k2 | k3: per-token KL in the reward
-    adaptive_kl: bool = False  # adapt β towards target_kl (Ziegler et al. 2019)
-    target_kl: float = 6.0  # adaptive controller: target KL per completion (nats)
-    kl_horizon: int = 10000  # adaptive controller: horizon in completions
-    ppo_epochs: int = 4  # passes over each rollout batch
-    num_minibatches: int = 1  # optimizer updates per pass
-    clip_value: float = 0.2  # value clip around the rollout's values
-    vf_coef: float = 0.1  # weight of the value loss
-    gamma: float = 1.0  # GAE discount
-    lam: float = 0.95  # GAE λ
-    whiten_rewards: bool = False  # whiten per-token rewards (scale only) before GAE
-    missing_eos_penalty: float | None = None  # subtracted from the score of completions without EOS
-    value_init: str = "reward_model"  # reward_model | policy: where the value model's weights come from
+    batch_size: int = 16
+    group_size: int = 1
+    kl_coef: float = opt(0.05, "β of the per-token KL penalty in the reward (initial value when adaptive)", minimum=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "per-token KL estimator in the reward (core/kl.py)")
+    adaptive_kl: bool = opt(False, "adapt β towards target_kl (Ziegler et al. 2019)")
+    target_kl: float = opt(6.0, "adaptive controller: target KL per completion (nats)", minimum=0.0)
+    kl_horizon: int = opt(10000, "adaptive controller: horizon in completions", minimum=1)
+    ppo_epochs: int = opt(4, "passes over each rollout batch", minimum=1)
+    num_minibatches: int = opt(1, "optimizer updates per pass", minimum=1)
+    clip_value: float = opt(0.2, "value clip around the rollout's values", minimum=0.0)
+    vf_coef: float = opt(0.1, "weight of the value loss", minimum=0.0)
+    gamma: float = opt(1.0, "GAE discount", minimum=0.0, maximum=1.0)
+    lam: float = opt(0.95, "GAE λ", minimum=0.0, maximum=1.0)
+    whiten_rewards: bool = opt(False, "whiten per-token rewards (scale only) before GAE")
+    missing_eos_penalty: float | None = opt(None, "subtracted from the score of completions without EOS")
+    value_init: Literal["reward_model", "policy"] = opt(
+        "reward_model", "where the value model's weights come from (policy: also when there is no reward model)")
 
 
 class KLController:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from rlhflab.algorithms.sft import SFTConfig, run_sft
+from rlhflab.config import opt
 from rlhflab.data.collate import tokenize_prompt_completion
 from rlhflab.models.loading import build_model
 from rlhflab.models.tokenizer import train_tokenizer
@@ -22,14 +24,14 @@ from rlhflab.models.tokenizer import train_tokenizer
 
 @dataclass
 class PretrainConfig(SFTConfig):
-    preset: str = "small"  # model size: tiny (≈1M parameters) | small (≈3M)
-    vocab_size: int = 512  # BPE vocabulary budget; a tiny model can't afford a large output layer
-    num_documents: int = 40000  # built-in tasks: corpus size
+    preset: Literal["tiny", "small"] = opt("small", "model size: tiny (≈1M parameters) | small (≈3M)")
+    vocab_size: int = opt(512, "BPE vocabulary budget; a tiny model can't afford a large output layer", minimum=16)
+    num_documents: int = opt(40000, "built-in tasks: corpus size", minimum=1)
     lr: float = 3e-3
     max_steps: int = 600
     batch_size: int = 32
     warmup_ratio: float = 0.03
-    max_completion_tokens: int = 96  # documents longer than this are cut
+    max_completion_tokens: int = opt(96, "documents longer than this are cut", minimum=1)
 
 
 def run_pretrain(cfg: PretrainConfig, documents: list[str]) -> Path:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from rlhflab.algorithms.rewards import RewardFn, call_reward_fn, check_reward_weights, reward_names
-from rlhflab.config import RunConfig
+from rlhflab.config import RunConfig, opt
 from rlhflab.core.advantages import group_reward_std
 from rlhflab.core.packing import (
     PackedBatch,
@@ -46,24 +46,27 @@ class RolloutConfig(RunConfig):
     """Fields PPO and GRPO share: what they sample, from which prompts, and how it is scored."""
 
     lr: float = 2e-5
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
     warmup_ratio: float = 0.0
     max_steps: int = 100
-    batch_size: int = 8  # prompts per step; completions per step = batch_size × group_size
-    group_size: int = 8  # completions sampled per prompt (k)
-    max_new_tokens: int | None = None  # completion budget; default: the task's, else 32
-    max_prompt_tokens: int = 64  # longer prompts keep their last tokens
-    temperature: float = 1.0  # sampling temperature (log-probs for the ratio use the same)
-    top_p: float = 1.0
-    top_k: int = 0
-    clip_eps: float = 0.2  # ε: policy ratio clipped to [1 − ε, 1 + ε]
-    reward_fn: str | None = None  # FILE.py:NAME or package.module:NAME, or several comma-separated; default: the reward model
-    reward_weights: list[float] | None = None  # one per reward function (their weighted sum is the reward); default: all 1
-    reward_model: str | None = None  # reward model folder; default with --task: the task's reward model
-    num_prompts: int = 4000  # built-in tasks: training prompts to generate
-    task_size: str = "small"  # small | tiny: which cached task artefacts to start from
-    packed_row_tokens: int = 512  # longest packed row (a prompt and its k completions share one row segment)
-    log_completions: int = 8  # completions written to completions.jsonl at each logged step (the first groups); 0: none
+    batch_size: int = opt(8, "prompts per step; completions per step = batch_size × group_size", minimum=1)
+    group_size: int = opt(8, "completions sampled per prompt (k)", minimum=1)
+    max_new_tokens: int | None = opt(None, "completion budget; default: the task's, else 32", minimum=1)
+    max_prompt_tokens: int = opt(64, "longer prompts keep their last tokens", minimum=1)
+    temperature: float = opt(1.0, "sampling temperature (log-probs for the ratio use the same)", minimum=0.0)
+    top_p: float = opt(1.0, "nucleus sampling mass", minimum=0.0, maximum=1.0)
+    top_k: int = opt(0, "sample among the k likeliest tokens; 0: all", minimum=0)
+    clip_eps: float = opt(0.2, "ε: policy ratio clipped to [1 − ε, 1 + ε]", minimum=0.0)
+    reward_fn: str | None = opt(
+        None, "FILE.py:NAME or package.module:NAME, or several comma-separated; default: the reward model")
+    reward_weights: list[float] | None = opt(
+        None, "one per reward function (their weighted sum is the reward); default: all 1")
+    reward_model: str | None = opt(None, "reward model folder; default with --task: the task's reward model")
+    num_prompts: int = opt(4000, "built-in tasks: training prompts to generate", minimum=1)
+    packed_row_tokens: int = opt(
+        512, "longest packed row (a prompt and its k completions share one row segment)", minimum=2)
+    log_completions: int = opt(
+        8, "completions written to completions.jsonl at each logged step (the first groups); 0: none", minimum=0)
 
 
 class PromptPool:

@@ -13,17 +13,18 @@ from typing import Any
 
 import yaml
 
+from rlhflab.config import opt
 from rlhflab.errors import InputError
 from rlhflab.report import html, markdown
 from rlhflab.report.content import build_sections
-from rlhflab.study.plots import draw_all
+from rlhflab.report.plots import draw_all
 from rlhflab.study.results import summarize_arms
 
 
 @dataclass
 class ReportConfig:
-    path: str = "runs/demo"  # a study folder (study.json) or a run folder (eval.json, metrics.jsonl)
-    out: str | None = None  # folder for report.html, report.md and plots/ (default: the folder itself)
+    path: str = opt("runs/demo", "a study folder (study.json) or a run folder (eval.json, metrics.jsonl)")
+    out: str | None = opt(None, "folder for report.html, report.md and plots/ (default: the folder itself)")
 
 
 def guess_algorithm(run: Path) -> str:
@@ -90,8 +91,3 @@ def report(cfg: ReportConfig) -> Path:
     page = write_report(Path(cfg.path), Path(cfg.out) if cfg.out else None)
     Console().print(f"report: {page}")
     return page
-
-
-def report_cli_args(args: list[str]) -> list[str]:
-    """`rlhflab report DIR …` → `--path DIR …`."""
-    return ["--path", args[0], *args[1:]] if args and not args[0].startswith("-") else list(args)

@@ -4,7 +4,7 @@
     OUT/runs/ARM/seed-S/           a run folder (config.yaml, metrics.jsonl, diagnostics.jsonl, model/)
                        eval.json   the evaluation suite on the final model, sampled with eval_seed + S
     OUT/study.json                 every number: intervals, paired differences, rankings, phase comparisons
-    OUT/report.html, report.md     the report (rlhflab report OUT rebuilds it)
+    OUT/report.html, report.md     the report, written by the CLI after the study (rlhflab report OUT rebuilds it)
 
 A run with model/ (for arms that train) whose config.yaml matches the arm's settings, and an eval.json
 made with the study's evaluation settings, is finished and skipped on a rerun; a changed param retrains. A partial run restarts, or continues from its newest checkpoint
@@ -23,8 +23,18 @@ from typing import Any
 from rich.console import Console
 
 from rlhflab.config import build_config, field_names, save_config, to_dict
-from rlhflab.study.config import ArmConfig, StudyConfig, arm_steps, expand_arms
-from rlhflab.study.registry import config_class, get_algorithm, stage_function
+from rlhflab.stages import Command, artefacts
+from rlhflab.stages.evaluate import EvalCommandConfig, evaluate_model
+from rlhflab.stages.train import final_metrics
+from rlhflab.study.config import (
+    ARM_COMMANDS,
+    BASELINE,
+    ArmConfig,
+    StudyConfig,
+    arm_command,
+    arm_steps,
+    expand_arms,
+)
 from rlhflab.study.results import summarize_arms
 
 console = Console(stderr=True)
@@ -47,28 +57,27 @@ def is_evaluated(folder: Path, settings: dict[str, Any]) -> bool:
     return json.loads(path.read_text()).get("study_eval", {}).get("settings") == settings
 
 
-def training_config(cfg: StudyConfig, arm: ArmConfig, seed: int, resume: bool) -> Any:
-    """The arm's config: its params over the algorithm's study defaults, then what the study fixes."""
-    algorithm = get_algorithm(arm.algorithm)
-    cls = config_class(algorithm)
-    data = {"preferences": cfg.preference_data, "prompts": cfg.prompt_data}.get(algorithm.data or "")
+def training_config(cfg: StudyConfig, arm: ArmConfig, seed: int, resume: bool, command: Command) -> Any:
+    """The arm's config: its params over the study's defaults, then what the study fixes."""
+    data = {"preferences": cfg.preference_data, "prompts": cfg.prompt_data}.get(command.data or "")
     study_values = {
-        "out": str(run_dir(cfg, arm, seed)), "seed": seed, "max_steps": arm_steps(arm, cfg), "task": cfg.task,
-        "task_size": cfg.task_size, "cache_dir": cfg.cache_dir, "model": cfg.model, "data": data,
+        "out": str(run_dir(cfg, arm, seed)), "seed": seed, "max_steps": arm_steps(arm, cfg, {arm.algorithm: command}),
+        "task": cfg.task, "task_size": cfg.task_size, "cache_dir": cfg.cache_dir, "model": cfg.model, "data": data,
         "reward_model": cfg.reward_model, "reward_fn": cfg.reward_fn, "threads": cfg.threads,
         "progress": cfg.progress, "checkpoint_every": cfg.checkpoint_every, "resume": "auto" if resume else None,
     }  # fmt: skip
-    valid = field_names(cls)
-    values = {k: v for k, v in dict(algorithm.defaults).items() if k in valid}
+    valid = field_names(command.config)
+    values: dict[str, Any] = {"eval_temperatures": []} if "eval_temperatures" in valid else {}  # evaluated below
     values.update(arm.params)
     values.update({k: v for k, v in study_values.items() if k in valid})
-    return build_config(cls, values, source=f"arm {arm.name}")
+    return build_config(command.config, values, source=f"arm {arm.name}")
 
 
-def is_trained(cfg: StudyConfig, arm: ArmConfig, seed: int) -> bool:
+def is_trained(cfg: StudyConfig, arm: ArmConfig, seed: int, commands: dict[str, Command] = ARM_COMMANDS) -> bool:
     """The run has its final model and was trained with exactly this arm's settings (a changed param retrains)."""
     folder = run_dir(cfg, arm, seed)
-    if get_algorithm(arm.algorithm).stage is None:
+    command = arm_command(arm, commands)
+    if command is None:
         return True
     if not (folder / "model").is_dir() or not (folder / "config.yaml").is_file():
         return False
@@ -76,36 +85,34 @@ def is_trained(cfg: StudyConfig, arm: ArmConfig, seed: int) -> bool:
 
     saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     # compare what the arm sets (a stage may fill in other fields, e.g. a task's completion budget)
-    expected = {**arm.params, "max_steps": arm_steps(arm, cfg), "seed": seed}
-    resolved = to_dict(build_config(config_class(get_algorithm(arm.algorithm)), expected, source=f"arm {arm.name}"))
+    expected = {**arm.params, "max_steps": arm_steps(arm, cfg, commands), "seed": seed}
+    resolved = to_dict(build_config(command.config, expected, source=f"arm {arm.name}"))
     return all(saved.get(k) == resolved[k] for k in expected)
 
 
-def train_arm(cfg: StudyConfig, arm: ArmConfig, seed: int) -> float:
+def train_arm(cfg: StudyConfig, arm: ArmConfig, seed: int, commands: dict[str, Command] = ARM_COMMANDS) -> float:
     """Train one arm × seed unless it is trained as configured; returns the wall seconds spent (0 if skipped)."""
-    algorithm = get_algorithm(arm.algorithm)
+    command = arm_command(arm, commands)
     folder = run_dir(cfg, arm, seed)
-    if algorithm.stage is None or is_trained(cfg, arm, seed):
+    if command is None or is_trained(cfg, arm, seed, commands):
         return 0.0
     resume = cfg.resume == "auto" and folder.is_dir() and not (folder / "model").is_dir()
     if folder.is_dir() and not resume:
         shutil.rmtree(folder)  # a partial run restarts cleanly: no stale metrics or findings
-    console.print(f"[bold]{arm.name}[/] seed {seed}: training ({arm.algorithm}, {arm_steps(arm, cfg)} steps)")
+    console.print(f"[bold]{arm.name}[/] seed {seed}: training ({arm.algorithm}, {arm_steps(arm, cfg, commands)} steps)")
     started = time.perf_counter()
-    stage_function(algorithm)(training_config(cfg, arm, seed, resume))
+    command.run(training_config(cfg, arm, seed, resume, command))
     return time.perf_counter() - started
 
 
 def evaluate_arm(cfg: StudyConfig, arm: ArmConfig, seed: int, train_seconds: float) -> None:
-    from rlhflab.stages import EvalStageConfig, evaluate
-
     folder = run_dir(cfg, arm, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "eval.json").is_file():  # an algorithm's own end-of-run results are kept beside ours
+    if (folder / "eval.json").is_file():  # a run's own end-of-run results are kept beside ours
         (folder / "eval.json").replace(folder / "train_eval.json")
-    trained = get_algorithm(arm.algorithm).stage is not None
+    trained = arm.algorithm != BASELINE
     started = time.perf_counter()
-    evaluate(EvalStageConfig(
+    evaluate_model(EvalCommandConfig(
         out=str(folder), task=cfg.task, task_size=cfg.task_size, cache_dir=cfg.cache_dir,
         model=str(folder / "model") if trained else cfg.model, reference=cfg.model, reward_model=cfg.reward_model,
         data=cfg.eval_prompts, temperatures=cfg.temperatures, samples_per_prompt=cfg.samples_per_prompt,
@@ -121,29 +128,29 @@ def build_shared_artefacts(cfg: StudyConfig) -> dict[str, Any]:
     """Base, SFT and reward model (and the preference pairs) of the task, built once before any arm."""
     if not cfg.task or cfg.model:
         return {"sft_model": cfg.model, "reward_model": cfg.reward_model}
-    from rlhflab.pipeline import TaskArtefacts, reward_model, sft_model
-
-    artefacts = TaskArtefacts(task=cfg.task, size=cfg.task_size, cache_dir=cfg.cache_dir, progress=cfg.progress)
-    shared: dict[str, Any] = {"sft_model": str(sft_model(artefacts)), "reward_model": str(reward_model(artefacts))}
-    rm_eval = Path(shared["reward_model"]).parent / "eval.json"
-    if rm_eval.is_file():
+    cached = artefacts.TaskArtefacts(task=cfg.task, size=cfg.task_size, cache_dir=cfg.cache_dir, progress=cfg.progress)
+    shared: dict[str, Any] = {"sft_model": str(artefacts.sft_model(cached)),
+                              "reward_model": str(artefacts.reward_model(cached))}  # fmt: skip
+    shared["rm_heldout_accuracy"] = final_metrics(Path(shared["reward_model"]).parent).get("eval/accuracy")
+    rm_eval = Path(shared["reward_model"]).parent / "eval.json"  # reward models built before the loop logged it
+    if shared["rm_heldout_accuracy"] is None and rm_eval.is_file():
         shared["rm_heldout_accuracy"] = json.loads(rm_eval.read_text()).get("eval/accuracy")
     console.print(f"shared artefacts: SFT {shared['sft_model']}, reward model {shared['reward_model']}")
     return shared
 
 
-def arm_record(cfg: StudyConfig, arm: ArmConfig) -> dict[str, Any]:
+def arm_record(cfg: StudyConfig, arm: ArmConfig, commands: dict[str, Command] = ARM_COMMANDS) -> dict[str, Any]:
     """The arm as study.json lists it: its settings and its run folders (relative to the study folder)."""
-    trained = get_algorithm(arm.algorithm).stage is not None
+    trained = arm.algorithm != BASELINE
     return {"name": arm.name, "algorithm": arm.algorithm, "group": arm.group, "params": arm.params,
-            "max_steps": arm_steps(arm, cfg) if trained else 0,
+            "max_steps": arm_steps(arm, cfg, commands) if trained else 0,
             "runs": [{"seed": s, "dir": str(run_dir(cfg, arm, s).relative_to(cfg.out))} for s in cfg.seeds]}  # fmt: skip
 
 
 def write_study_json(cfg: StudyConfig, arms: list[ArmConfig], wall_seconds: float,
-                     shared: dict[str, Any] | None = None) -> Path:
+                     shared: dict[str, Any] | None = None, commands: dict[str, Command] = ARM_COMMANDS) -> Path:
     out = Path(cfg.out)
-    records = [arm_record(cfg, arm) for arm in arms]
+    records = [arm_record(cfg, arm, commands) for arm in arms]
     absolute = [{**r, "runs": [{**run, "dir": str(out / run["dir"])} for run in r["runs"]]} for r in records]
     numbers = summarize_arms(absolute, cfg.baseline or None, cfg.metric, cfg.bootstrap_resamples)
     timings = {}
@@ -159,15 +166,15 @@ def write_study_json(cfg: StudyConfig, arms: list[ArmConfig], wall_seconds: floa
     return out / "study.json"
 
 
-def run_study(cfg: StudyConfig) -> Path:
-    """Run every arm × seed (skipping finished ones), write study.json and the report; returns the report
-    path (or study.json when report is off). A run stopped by a diagnostic is listed as failed (and retried
-    on the next invocation); the other runs go on."""
+def run_study(cfg: StudyConfig, commands: dict[str, Command] = ARM_COMMANDS) -> Path:
+    """Run every arm × seed (skipping finished ones) and write study.json; returns its path (the CLI writes
+    the report from it). A run stopped by a diagnostic is listed as failed (and retried on the next
+    invocation); the other runs go on."""
     from rlhflab.training.loop import TrainingStopped, set_threads
 
     set_threads(cfg.threads)
     started = time.perf_counter()
-    arms = expand_arms(cfg, source=cfg.name)
+    arms = expand_arms(cfg, source=cfg.name, commands=commands)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "study.yaml")
@@ -175,11 +182,11 @@ def run_study(cfg: StudyConfig) -> Path:
     failed: dict[str, str] = {}
     for arm in arms:
         for seed in cfg.seeds:
-            if is_evaluated(run_dir(cfg, arm, seed), eval_settings(cfg, seed)) and is_trained(cfg, arm, seed):
+            if is_evaluated(run_dir(cfg, arm, seed), eval_settings(cfg, seed)) and is_trained(cfg, arm, seed, commands):
                 console.print(f"[dim]{arm.name} seed {seed}: finished, skipped[/]")
                 continue
             try:
-                seconds = train_arm(cfg, arm, seed)
+                seconds = train_arm(cfg, arm, seed, commands)
             except TrainingStopped as exc:  # a diagnostic stopped this run: the others still say something
                 if exc.exit_code == 130:  # a stop signal stops the study, not just this arm
                     raise
@@ -187,12 +194,6 @@ def run_study(cfg: StudyConfig) -> Path:
                 failed[f"{arm.name}/seed-{seed}"] = str(exc)
                 continue
             evaluate_arm(cfg, arm, seed, seconds)
-    path = write_study_json(cfg, arms, time.perf_counter() - started, {**shared, "failed": failed})
+    path = write_study_json(cfg, arms, time.perf_counter() - started, {**shared, "failed": failed}, commands)
     console.print(f"study: {path}")
-    if not cfg.report:
-        return path
-    from rlhflab.report.document import write_report
-
-    report = write_report(out)
-    console.print(f"report: {report}")
-    return report
+    return path

@@ -1,4 +1,4 @@
-"""`--task NAME`: build a stage's prerequisites for a built-in task on first use, and cache them.
+"""`--task NAME`: build a command's prerequisites for a built-in task on first use, and cache them.
 
     tokenizer + base model (pretrain) ─► SFT model ─► preference pairs (SFT samples × gold labels)
                                                    └► reward model (Bradley-Terry on those pairs)
@@ -32,6 +32,17 @@ from rlhflab.models.loading import load_causal_lm, load_scalar_model, load_token
 from rlhflab.tasks import get_task
 
 
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where task artefacts and shared reference log-probs live: --cache-dir, else $RLHFLAB_CACHE, else
+    ~/.cache/rlhflab. The one place that decides it."""
+    return Path(cache_dir or os.environ.get("RLHFLAB_CACHE") or Path.home() / ".cache" / "rlhflab")
+
+
+def reference_logps_dir(cache_dir: str | None = None) -> Path:
+    """DPO's reference log-probs shared by runs of one reference model (keyed inside by a fingerprint)."""
+    return cache_root(cache_dir) / "reference-logps"
+
+
 @dataclass
 class TaskArtefacts:
     """Settings of a task's shared artefacts. `size="tiny"` is a fast variant for tests and smoke runs."""
@@ -39,30 +50,26 @@ class TaskArtefacts:
     task: str = "reviews"
     size: str = "small"  # small: the demo (≈3M parameters; arithmetic ≈0.9M); tiny: ≈1M parameters, few steps
     seed: int = 0
-    cache_dir: str | None = None  # default $RLHFLAB_CACHE or ~/.cache/rlhflab
+    cache_dir: str | None = None  # see cache_root
     pair_prompts: int = 4800  # preference pairs: prompts sampled twice each by the SFT model (ties dropped)
     pair_temperature: float = 1.0
     progress: bool = True
 
     def root(self) -> Path:
-        base = self.cache_dir or os.environ.get("RLHFLAB_CACHE") or Path.home() / ".cache" / "rlhflab"
-        return Path(base) / self.task
+        return cache_root(self.cache_dir) / self.task
 
     def pretrain_config(self) -> PretrainConfig:
         if self.size == "tiny":
             return PretrainConfig(preset="tiny", max_steps=60, num_documents=2000, batch_size=32, seed=self.seed)
-        # arithmetic: the ≈1M model learns carries within the SFT budget; the 3M one stayed near 10% exact
-        # after 600 SFT steps × 64 (docs/notes_tasks.md, "Arithmetic in the pipeline")
+        # arithmetic: the ≈1M model learns carries within the SFT budget (docs/notes_tasks.md, "Arithmetic in the pipeline")
         return PretrainConfig(preset="tiny" if self.task == "arithmetic" else "small", seed=self.seed)
 
     def sft_config(self) -> SFTConfig:
         if self.size == "tiny":
             return SFTConfig(max_steps=20, num_examples=1000, seed=self.seed)
         if self.task == "arithmetic":
-            # sized to leave the SFT model partly right, with room for RL. The curve is steep and 300 steps sat on
-            # it: eval prompts at T 0.3 gave 73% / 48% (seeds 0 / 1), then 18% for seed 0 once the optimizer's
-            # rounding changed (fused AdamW). 450 steps: 56% / 70% / 53% (seeds 0 / 1 / 2); greedy on 500
-            # held-out prompts 76% / 86% / 59% (docs/notes_tasks.md)
+            # sized to leave the SFT model partly right, with room for RL, off the steep part of the learning
+            # curve (docs/notes_tasks.md, "Arithmetic in the pipeline")
             return SFTConfig(max_steps=450, batch_size=64, lr=2e-3, adam_beta2=0.98, weight_decay=0.01, seed=self.seed)
         return SFTConfig(seed=self.seed)
 

@@ -20,8 +20,8 @@ from rlhflab.training.metrics import read_metrics  # noqa: E402
 
 CURVES = {  # panel → metric names to look for, first found wins (TRL's names)
     "loss": ("loss",),
-    "reward": ("reward", "objective/scores", "rewards/chosen"),
-    "KL to reference": ("kl", "objective/kl"),
+    "reward": ("reward", "rewards/chosen"),
+    "KL to reference per token": ("kl",),  # PPO and GRPO log the same per-token kl
     "margin": ("rewards/margins",),
 }
 COLORS = {"sft": "#7f7f7f", "dpo": "#1f77b4", "ppo": "#d62728", "grpo": "#2ca02c"}

@@ -1,0 +1,124 @@
+"""The evaluation suite as a command (`rlhflab eval`) and as the one ending of every policy-training command.
+
+Both load the models from folders and call `evaluation.suite.evaluate` through `run_suite`, so a model
+evaluated after training and one evaluated later by `rlhflab eval` are measured by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from rlhflab.config import RunConfig, TaskConfig, opt
+from rlhflab.data.loading import load_prompts
+from rlhflab.errors import InputError
+from rlhflab.evaluation import suite
+from rlhflab.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
+from rlhflab.stages import artefacts
+from rlhflab.tasks import get_task
+from rlhflab.tasks.base import Task
+
+console = Console(stderr=True)
+
+
+@dataclass
+class EvalCommandConfig(TaskConfig):
+    """`rlhflab eval`: the shared evaluation suite on one model."""
+
+    out: str = opt("runs/eval", "eval.json goes here")
+    model: str | None = opt(None, "the policy to evaluate (default: the task's SFT model)")
+    reference: str | None = opt(None, "reference for the KL (default: the task's SFT model)")
+    reward_model: str | None = opt(None, "reward model folder (default: the task's reward model)")
+    data: str | None = opt(None, "prompt-only file instead of the task's evaluation prompts")
+    temperatures: list[float] = opt([0.3, 0.7, 1.0], "sampling temperatures", minimum=0.0)
+    samples_per_prompt: int = opt(8, "samples per prompt and temperature", minimum=1)
+    max_new_tokens: int | None = opt(None, "completion budget (default: the task's, else 32)", minimum=1)
+    seed: int = opt(1234, "sampling seed: the same for every model, so comparisons are paired", minimum=0)
+    threads: int = opt(0, "torch threads; 0: all cores", minimum=0)
+    trust_remote_code: bool = opt(False, "allow custom model code from a model folder / hub id")
+    progress: bool = opt(True, "rich progress bar")
+
+
+def evaluation_prompts(data: str | None, task: Task | None) -> list[Any] | None:
+    """A prompt-only file's prompts, else the task's 16 evaluation prompts, else None."""
+    if data:
+        return [ex.prompt for ex in load_prompts(data)]
+    return task.eval_prompts() if task else None
+
+
+def run_suite(policy: str, prompts: list[Any], settings: suite.EvalConfig, task: Task | None, *,
+              reference: str | None, reward_model: str | None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Load the models from their folders and run the evaluation suite; the results name the policy."""
+    results = suite.evaluate(
+        load_causal_lm(policy, trust_remote_code), load_tokenizer(policy, trust_remote_code), prompts, settings,
+        reward_model=load_scalar_model(reward_model) if reward_model else None,
+        gold_reward=task.gold_reward if task else None,
+        is_wellformed=task.is_wellformed if task else None,
+        reference=load_causal_lm(reference) if reference else None,
+    )  # fmt: skip
+    results["model"] = policy
+    return results
+
+
+def write_eval(out: Path, results: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=1))
+    print_eval(results, results["model"])
+    console.print(f"evaluation: {out / 'eval.json'}")
+    return out / "eval.json"
+
+
+def evaluate_model(cfg: EvalCommandConfig) -> dict[str, Any]:
+    """`rlhflab eval`: the policy (default: the task's SFT model) against the task's SFT reference."""
+    from rlhflab.training.loop import set_threads
+
+    set_threads(cfg.threads)
+    task = get_task(cfg.task) if cfg.task else None
+    cached = artefacts.TaskArtefacts(task=cfg.task, size=cfg.task_size, cache_dir=cfg.cache_dir,
+                                     progress=cfg.progress) if task else None  # fmt: skip
+    prompts = evaluation_prompts(cfg.data, task)
+    if prompts is None:
+        raise InputError("give --task or --data (a prompt-only file)", field="data")
+    if cfg.model is None and cached is None:
+        raise InputError("give --model, or --task reviews|arithmetic", field="model")
+    policy = cfg.model or str(artefacts.sft_model(cached))
+    reference = cfg.reference or (str(artefacts.sft_model(cached)) if cached else None)
+    reward_model = cfg.reward_model or (str(artefacts.reward_model(cached)) if cached else None)
+    settings = suite.EvalConfig(temperatures=cfg.temperatures, samples_per_prompt=cfg.samples_per_prompt,
+                                seed=cfg.seed, max_new_tokens=cfg.max_new_tokens or (task.max_new_tokens if task else 32))
+    results = run_suite(policy, prompts, settings, task, reference=reference, reward_model=reward_model,
+                        trust_remote_code=cfg.trust_remote_code)
+    write_eval(Path(cfg.out), results)
+    return results
+
+
+def evaluate_final_model(cfg: RunConfig, policy: Path, *, reference: str, max_new_tokens: int,
+                         reward_model: str | None = None) -> dict[str, Any] | None:
+    """The end of sft, dpo, ppo and grpo: with evaluation prompts (the task's or --eval-prompts) and
+    --eval-temperatures, the suite on the final model against the starting one, into OUT/eval.json.
+
+    The reward model is the run's own (PPO/GRPO); no reward model is built for an evaluation."""
+    task = get_task(cfg.task) if cfg.task else None
+    prompts = evaluation_prompts(cfg.eval_prompts, task)
+    if prompts is None or not cfg.eval_temperatures:
+        return None
+    settings = suite.EvalConfig(temperatures=cfg.eval_temperatures, samples_per_prompt=cfg.eval_samples_per_prompt,
+                                max_new_tokens=max_new_tokens)
+    results = run_suite(str(policy), prompts, settings, task, reference=reference, reward_model=reward_model,
+                        trust_remote_code=cfg.trust_remote_code)
+    write_eval(Path(cfg.out), results)
+    return results
+
+
+def print_eval(results: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    for column in ("temperature", "metric", "mean [95% CI]"):
+        table.add_column(column)
+    for row in suite.format_table(results):
+        table.add_row(*row)
+    Console().print(table)

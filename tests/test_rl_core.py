@@ -20,11 +20,10 @@ from rlhflab.core.policy_loss import (
     LOSS_AGGREGATIONS,
     aggregate,
     clipped_surrogate,
+    clipped_value,
     masked_mean,
-    ppo_clip_loss,
     ppo_clip_token_losses,
     sequence_level_logps,
-    value_loss,
 )
 
 # ---- GAE ---------------------------------------------------------------------------------------------------
@@ -195,6 +194,18 @@ RATIOS = [1.5, 0.5, 0.5, 1.5, 100.0]
 ADVS = [1.0, -1.0, 1.0, -1.0, 1000.0]
 MASK = torch.tensor([[1, 1, 1, 1, 0]])
 
+
+
+def ppo_clip_loss(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_high=None, loss_agg="token_mean"):
+    """The clipped policy loss as PPO and GRPO compose it: `clipped_surrogate`, then `aggregate`."""
+    token_losses, stats = clipped_surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps_high)
+    return aggregate(token_losses, mask, loss_agg), stats
+
+
+def value_loss(values, old_values, returns, mask, clip_range=0.2):
+    """The clipped value loss as PPO composes it: `clipped_value`, then the token mean."""
+    token_losses, stats = clipped_value(values, old_values, returns, mask, clip_range)
+    return aggregate(token_losses, mask, "token_mean"), stats
 
 def ppo_inputs():
     old_logp = torch.tensor([[-1.0, -2.0, -3.0, -4.0, -5.0]], dtype=torch.float64)

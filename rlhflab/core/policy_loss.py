@@ -160,24 +160,6 @@ def sequence_level_logps(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor
     return old_logp + mean_log_ratio
 
 
-def ppo_clip_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    loss_agg: str = "token_mean",
-    max_tokens: int | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped policy loss aggregated by `loss_agg`, with the statistics of `clipped_surrogate`.
-
-    loss = aggregate(ppo_clip_token_losses(...), response_mask, loss_agg, max_tokens).
-    """
-    token_losses, stats = clipped_surrogate(logp, old_logp, advantages, response_mask, clip_eps, clip_eps_high)
-    return aggregate(token_losses, response_mask, loss_agg, max_tokens), stats
-
-
 def value_token_losses(
     values: Tensor, old_values: Tensor, returns: Tensor, clip_range: float | None = 0.2
 ) -> Tensor:
@@ -204,18 +186,3 @@ def clipped_value(
         clipped_larger = token_losses > 0.5 * (values - returns) ** 2
         stats = {"value/clip_frac": masked_mean(clipped_larger.to(values.dtype), response_mask)}
     return token_losses, stats
-
-
-def value_loss(
-    values: Tensor,
-    old_values: Tensor,
-    returns: Tensor,
-    response_mask: Tensor,
-    clip_range: float | None = 0.2,
-    loss_agg: str = "token_mean",
-    max_tokens: int | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss aggregated by `loss_agg`, with the statistics of `clipped_value`.
-    Shapes: all [B, T] -> (0-dim, stats)."""
-    token_losses, stats = clipped_value(values, old_values, returns, response_mask, clip_range)
-    return aggregate(token_losses, response_mask, loss_agg, max_tokens), stats

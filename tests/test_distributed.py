@@ -278,9 +278,10 @@ def test_pretrain_under_torchrun_trains_as_one_process(tmp_path):
     assert result.exit_code == 0, result.output
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RLHFLAB_FAULTS", "WORLD_SIZE", "RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    stdout, stderr, returncode = _launch([str(worker), json.dumps([{"name": "pretrain", "args": args(two)}])], env)
+    stdout, stderr, returncode = _launch([str(worker), json.dumps([{"name": "pretrain", "args": args(two)}]),
+                                          str(Path(__file__).parent)], env)
     assert returncode == 0, stdout[-3000:] + stderr[-3000:]
     results = sorted(line.split()[1:] for line in stdout.splitlines() if line.startswith("RESULT "))
     assert results == [["0", "pretrain", "0"], ["1", "pretrain", "left"]], stdout

@@ -129,6 +129,32 @@ def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
+def forget_the_label_shift(monkeypatch, module) -> None:
+    """Make `module`'s packer deliberately wrong: every token 'predicted' from its own position (a shift bug that
+    the policy, the reference and the old log-probs would all share, so no ratio or step-0 check sees it)."""
+    pack_groups = module.pack_groups
+
+    def wrong(*args, **kwargs):
+        packed = pack_groups(*args, **kwargs)
+        return replace(packed, logit_index=packed.logit_index + 1)
+
+    monkeypatch.setattr(module, "pack_groups", wrong)
+
+
+def assert_stops_on_mask_mismatch(run: Any, model: torch.nn.Module, out: Path) -> None:
+    """`run()` stops with logps.mask_mismatch, the only finding in OUT/diagnostics.jsonl, before any update."""
+    import pytest
+
+    from rlhflab.diagnostics.findings import read_findings
+    from rlhflab.training.loop import TrainingStopped
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingStopped, match="logps.mask_mismatch"):
+        run()
+    assert [f.code for f in read_findings(Path(out) / "diagnostics.jsonl")] == ["logps.mask_mismatch"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 # --- golden runs: one per trainer ------------------------------------------------------------------------------------
 
 @dataclass

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import task_tokenizer, tiny_lm, without_timing
+from helpers import (
+    assert_stops_on_mask_mismatch,
+    forget_the_label_shift,
+    task_tokenizer,
+    tiny_lm,
+    without_timing,
+)
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from rlhflab.algorithms.dpo import (
@@ -286,29 +292,15 @@ def test_frozen_bf16_reference_equals_autocast_bit_for_bit(tokenizer, pairs):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-def forget_the_label_shift(monkeypatch, module) -> None:
-    """Make `module`'s packer deliberately wrong: every token 'predicted' from its own position."""
-    from dataclasses import replace as replace_field
-
-    pack_groups = module.pack_groups
-
-    def wrong(*args, **kwargs):
-        packed = pack_groups(*args, **kwargs)
-        return replace_field(packed, logit_index=packed.logit_index + 1)
-
-    monkeypatch.setattr(module, "pack_groups", wrong)
-
-
 def test_a_wrong_label_shift_stops_the_run_before_any_update(tokenizer, pairs, tmp_path, monkeypatch):
     """The shift bug that policy and reference share (so step 0 would still be ln 2) fires logps.mask_mismatch."""
     import rlhflab.data.collate as collate
-    from rlhflab.training.loop import TrainingStopped
 
     forget_the_label_shift(monkeypatch, collate)
     cfg = cfg_for(tmp_path)
     model = tiny_model(tokenizer)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(TrainingStopped, match="logps.mask_mismatch"):
+
+    def run():
         run_dpo(cfg, model, tokenizer, pairs, lambda: tiny_model(tokenizer))
-    assert [f.code for f in read_findings(Path(cfg.out) / "diagnostics.jsonl")] == ["logps.mask_mismatch"]
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    assert_stops_on_mask_mismatch(run, model, Path(cfg.out))

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PROMPTS, count_a, tiny_lm, tiny_tokenizer, without_timing
+from helpers import (
+    PROMPTS,
+    assert_stops_on_mask_mismatch,
+    count_a,
+    forget_the_label_shift,
+    tiny_lm,
+    tiny_tokenizer,
+    without_timing,
+)
 
 from rlhflab.algorithms.grpo import GRPOConfig, GRPORecipe, run_grpo
 from rlhflab.algorithms.rewards import call_reward_fn, load_reward_fn
@@ -312,22 +320,14 @@ def test_aggregation_modes_and_reward_model(tmp_path, loss_agg, scale_rewards):
 
 
 def test_a_wrong_label_shift_stops_the_run_before_any_update(tmp_path, monkeypatch):
-    """logps.mask_mismatch on the first micro-batch of packed rollouts: a packer whose tokens are 'predicted' from
-    their own positions (a bug the policy, the reference and the old log-probs would all share)."""
-    from dataclasses import replace
-
+    """logps.mask_mismatch on the first micro-batch of packed rollouts."""
     import rlhflab.algorithms.rollout as rollout
-    from rlhflab.diagnostics.findings import read_findings
-    from rlhflab.training.loop import TrainingStopped
 
-    pack_groups = rollout.pack_groups
-    monkeypatch.setattr(rollout, "pack_groups", lambda *a, **k: (lambda p: replace(p, logit_index=p.logit_index + 1))(
-        pack_groups(*a, **k)))
+    forget_the_label_shift(monkeypatch, rollout)
     tokenizer = tiny_tokenizer()
-    cfg = config(tmp_path)
     policy = tiny_lm(tokenizer)
-    before = {k: v.clone() for k, v in policy.state_dict().items()}
-    with pytest.raises(TrainingStopped, match="logps.mask_mismatch"):
-        run_grpo(cfg, policy, tokenizer, PROMPTS, reward_fn=count_a, reference=tiny_lm(tokenizer))
-    assert [f.code for f in read_findings(tmp_path / "run" / "diagnostics.jsonl")] == ["logps.mask_mismatch"]
-    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+
+    def run():
+        run_grpo(config(tmp_path), policy, tokenizer, PROMPTS, reward_fn=count_a, reference=tiny_lm(tokenizer))
+
+    assert_stops_on_mask_mismatch(run, policy, tmp_path / "run")

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PROMPTS, count_a, tiny_lm_config, tiny_tokenizer, without_timing
+from helpers import (
+    PROMPTS,
+    assert_stops_on_mask_mismatch,
+    count_a,
+    forget_the_label_shift,
+    tiny_lm_config,
+    tiny_tokenizer,
+    without_timing,
+)
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from rlhflab.algorithms.ppo import KLController, PPOConfig, PPORecipe, run_ppo
@@ -137,25 +145,17 @@ def test_minibatches_must_split_over_processes(tmp_path, monkeypatch):
 
 
 def test_a_wrong_label_shift_stops_the_run_before_any_update(tmp_path, monkeypatch):
-    """logps.mask_mismatch on the first micro-batch of packed rollouts: a packer whose tokens are 'predicted' from
-    their own positions (a bug the policy, the reference and the old log-probs would all share)."""
-    from dataclasses import replace
-
+    """logps.mask_mismatch on the first micro-batch of packed rollouts."""
     import rlhflab.algorithms.rollout as rollout
-    from rlhflab.diagnostics.findings import read_findings
-    from rlhflab.training.loop import TrainingStopped
 
-    pack_groups = rollout.pack_groups
-    monkeypatch.setattr(rollout, "pack_groups", lambda *a, **k: (lambda p: replace(p, logit_index=p.logit_index + 1))(
-        pack_groups(*a, **k)))
+    forget_the_label_shift(monkeypatch, rollout)
     tokenizer = tiny_tokenizer()
-    cfg = config(tmp_path)
     policy, value, reference, _ = models(tokenizer)
-    before = {k: v.clone() for k, v in policy.state_dict().items()}
-    with pytest.raises(TrainingStopped, match="logps.mask_mismatch"):
-        run_ppo(cfg, policy, value, reference, tokenizer, PROMPTS, reward_fn=count_a)
-    assert [f.code for f in read_findings(tmp_path / "run" / "diagnostics.jsonl")] == ["logps.mask_mismatch"]
-    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+
+    def run():
+        run_ppo(config(tmp_path), policy, value, reference, tokenizer, PROMPTS, reward_fn=count_a)
+
+    assert_stops_on_mask_mismatch(run, policy, tmp_path / "run")
 
 
 def test_micro_batches_are_planned_everywhere_and_trained_by_their_process(monkeypatch):

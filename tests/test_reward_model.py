@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import assert_stops_on_mask_mismatch, forget_the_label_shift, tiny_llama
 from transformers import LlamaForSequenceClassification
 
 from rlhflab.algorithms.reward_model import pair_scores
@@ -49,21 +49,14 @@ def test_packed_pair_scores_equal_padded_rows(attn, pooling, max_row_tokens):
 
 def test_a_wrong_label_shift_stops_the_run(tmp_path, monkeypatch):
     """logps.mask_mismatch on the reward model's first micro-batch (its packer is DPO's)."""
-    from dataclasses import replace
-
     import rlhflab.data.collate as collate
     from rlhflab.algorithms.reward_model import RewardModelConfig, run_reward_model
-    from rlhflab.diagnostics.findings import read_findings
-    from rlhflab.training.loop import TrainingStopped
 
-    pack_groups = collate.pack_groups
-    monkeypatch.setattr(collate, "pack_groups", lambda *a, **k: (lambda p: replace(p, logit_index=p.logit_index + 1))(
-        pack_groups(*a, **k)))
+    forget_the_label_shift(monkeypatch, collate)
     cfg = RewardModelConfig(out=str(tmp_path / "rm"), max_steps=2, batch_size=2, progress=False, threads=1)
     tokenizer = type("Tok", (), {"pad_token_id": 0})()
-    with pytest.raises(TrainingStopped, match="logps.mask_mismatch"):
-        run_reward_model(cfg, scalar_model("sdpa"), tokenizer, PAIRS * 2)
-    assert [f.code for f in read_findings(tmp_path / "rm" / "diagnostics.jsonl")] == ["logps.mask_mismatch"]
+    model = scalar_model("sdpa")
+    assert_stops_on_mask_mismatch(lambda: run_reward_model(cfg, model, tokenizer, PAIRS * 2), model, tmp_path / "rm")
 
 
 def test_evaluate_is_the_held_out_accuracy_of_padded_scores(tmp_path):

@@ -235,6 +235,8 @@ def _study_positional(params: dict[str, Any], sources: dict[str, ParameterSource
     from rlhflab.study.config import builtin_path
 
     file, builtin = params.pop("file"), params.pop("builtin")
+    if sum(x is not None for x in (file, builtin, params.get("config"))) > 1:
+        raise InputError("give the study once: FILE.yaml, --builtin NAME or --config FILE.yaml", field="config")
     if file is not None:
         _set(params, sources, "config", file)
     if builtin is not None:

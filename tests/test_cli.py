@@ -148,5 +148,9 @@ def test_study_and_report_take_positional_paths(tmp_path):
     assert (parsed[-1].name, parsed[-1].task_size) == (phases["name"], "tiny")
     bad = CliRunner().invoke(study, ["--builtin", "demoo"])
     assert bad.exit_code == 2 and "no built-in study 'demoo'" in bad.output
+    for twice in ([str(file), "--builtin", "phases"], [str(file), "--config", str(file)],
+                  ["--builtin", "phases", "--config", str(file)]):
+        result = CliRunner().invoke(study, twice)  # one would silently replace the other
+        assert result.exit_code == 2 and "give the study once" in result.output, twice
     result = CliRunner().invoke(report_command(), [str(tmp_path / "missing")])
     assert result.exit_code == 2 and "folder not found" in result.output

@@ -102,6 +102,8 @@ def wins(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, batch: di
 class DPORecipe:
     """Packed pairs, cached reference log-probs, one of TRL's DPO losses (or a reference-free one)."""
 
+    progress_metrics = ("loss", "rewards/accuracies")  # shown beside the progress bar
+
     def __init__(self, model: torch.nn.Module, pairs: list[Pair], cfg: DPOConfig, pad_token_id: int,
                  load_reference: Callable[[], torch.nn.Module], eval_pairs: list[Pair] | None = None,
                  cache_dirs: list[Path] | None = None):  # fmt: skip

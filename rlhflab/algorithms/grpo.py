@@ -79,6 +79,8 @@ class GRPOConfig(RolloutConfig):
 class GRPORecipe:
     """The `Recipe` of the shared loop: `plan_step` samples and scores, `loss` is the clipped surrogate."""
 
+    progress_metrics = ("loss", "reward")  # shown beside the progress bar
+
     def __init__(self, policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], cfg: GRPOConfig, *,
                  reward_fn: RewardFn | Sequence[RewardFn] | None = None, reward_model: torch.nn.Module | None = None,
                  reference: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,

@@ -94,6 +94,8 @@ class KLController:
 
 
 class PPORecipe:
+    progress_metrics = ("loss", "reward")  # shown beside the progress bar
+
     def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module, reference: torch.nn.Module,
                  tokenizer: Any, prompts: list[Any], cfg: PPOConfig, *,
                  reward_fn: RewardFn | Sequence[RewardFn] | None = None, reward_model: torch.nn.Module | None = None,

@@ -53,6 +53,8 @@ def pair_scores(model: torch.nn.Module, packed: PackedBatch) -> tuple[torch.Tens
 
 
 class RewardModelRecipe:
+    progress_metrics = ("loss", "accuracy")  # shown beside the progress bar
+
     def __init__(self, model: torch.nn.Module, pairs: list[Pair], cfg: RewardModelConfig, pad_token_id: int,
                  eval_pairs: list[Pair] | None = None):
         self.model = model
@@ -97,8 +99,7 @@ class RewardModelRecipe:
         self.model.eval()
         margins = []
         for start in range(0, len(self.eval_pairs), chunk):
-            # rows of up to 256 tokens: no gradients to hold, so longer rows than in training
-            packed = pack_pairs(self.eval_pairs[start : start + chunk], 256, self.pad_token_id)
+            packed = pack_pairs(self.eval_pairs[start : start + chunk], self.cfg.max_row_tokens, self.pad_token_id)
             chosen, rejected = pair_scores(self.model, packed)
             margins.append(chosen - rejected)
         self.model.train(was_training)

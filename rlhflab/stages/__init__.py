@@ -42,5 +42,6 @@ COMMANDS: dict[str, Command] = {
                     ("batch_size", "group_size")),
     "eval": Command(EvalCommandConfig, evaluate_model, "the shared evaluation suite on a model"),
 }
-# Commands whose training runs data-parallel under torchrun; any other would run N copies into one folder.
-DATA_PARALLEL_COMMANDS = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
+# Commands whose training runs data-parallel under torchrun (every command but eval, which trains nothing); any
+# other would run N copies into one folder.
+DATA_PARALLEL_COMMANDS = tuple(name for name in COMMANDS if name != "eval")

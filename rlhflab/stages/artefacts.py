@@ -55,6 +55,11 @@ class TaskArtefacts:
     pair_temperature: float = 1.0
     progress: bool = True
 
+    @classmethod
+    def of(cls, cfg: Any) -> TaskArtefacts:
+        """The artefacts a command's config names (its task, task_size, cache_dir and progress)."""
+        return cls(task=cfg.task, size=cfg.task_size, cache_dir=cfg.cache_dir, progress=cfg.progress)
+
     def root(self) -> Path:
         return cache_root(self.cache_dir) / self.task
 

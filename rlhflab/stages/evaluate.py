@@ -73,14 +73,18 @@ def write_eval(out: Path, results: dict[str, Any]) -> Path:
     return out / "eval.json"
 
 
+def completion_budget(task: Task | None) -> int:
+    """Completion tokens when a command does not set them: the task's budget, else 32."""
+    return task.max_new_tokens if task else 32
+
+
 def evaluate_model(cfg: EvalCommandConfig) -> dict[str, Any]:
     """`rlhflab eval`: the policy (default: the task's SFT model) against the task's SFT reference."""
     from rlhflab.training.loop import set_threads
 
     set_threads(cfg.threads)
     task = get_task(cfg.task) if cfg.task else None
-    cached = artefacts.TaskArtefacts(task=cfg.task, size=cfg.task_size, cache_dir=cfg.cache_dir,
-                                     progress=cfg.progress) if task else None  # fmt: skip
+    cached = artefacts.TaskArtefacts.of(cfg) if task else None
     prompts = evaluation_prompts(cfg.data, task)
     if prompts is None:
         raise InputError("give --task or --data (a prompt-only file)", field="data")
@@ -90,25 +94,26 @@ def evaluate_model(cfg: EvalCommandConfig) -> dict[str, Any]:
     reference = cfg.reference or (str(artefacts.sft_model(cached)) if cached else None)
     reward_model = cfg.reward_model or (str(artefacts.reward_model(cached)) if cached else None)
     settings = suite.EvalConfig(temperatures=cfg.temperatures, samples_per_prompt=cfg.samples_per_prompt,
-                                seed=cfg.seed, max_new_tokens=cfg.max_new_tokens or (task.max_new_tokens if task else 32))
+                                seed=cfg.seed, max_new_tokens=cfg.max_new_tokens or completion_budget(task))
     results = run_suite(policy, prompts, settings, task, reference=reference, reward_model=reward_model,
                         trust_remote_code=cfg.trust_remote_code)
     write_eval(Path(cfg.out), results)
     return results
 
 
-def evaluate_final_model(cfg: RunConfig, policy: Path, *, reference: str, max_new_tokens: int,
+def evaluate_final_model(cfg: RunConfig, policy: Path, *, reference: str, max_new_tokens: int | None = None,
                          reward_model: str | None = None) -> dict[str, Any] | None:
     """The end of sft, dpo, ppo and grpo: with evaluation prompts (the task's or --eval-prompts) and
     --eval-temperatures, the suite on the final model against the starting one, into OUT/eval.json.
 
-    The reward model is the run's own (PPO/GRPO); no reward model is built for an evaluation."""
+    `max_new_tokens`: the run's completion budget (PPO/GRPO), else `completion_budget`. The reward model is
+    the run's own (PPO/GRPO); no reward model is built for an evaluation."""
     task = get_task(cfg.task) if cfg.task else None
     prompts = evaluation_prompts(cfg.eval_prompts, task)
     if prompts is None or not cfg.eval_temperatures:
         return None
     settings = suite.EvalConfig(temperatures=cfg.eval_temperatures, samples_per_prompt=cfg.eval_samples_per_prompt,
-                                max_new_tokens=max_new_tokens)
+                                max_new_tokens=max_new_tokens or completion_budget(task))
     results = run_suite(str(policy), prompts, settings, task, reference=reference, reward_model=reward_model,
                         trust_remote_code=cfg.trust_remote_code)
     write_eval(Path(cfg.out), results)

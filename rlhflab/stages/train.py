@@ -23,7 +23,7 @@ from rlhflab.data.loading import from_records, load_preferences, load_prompts, l
 from rlhflab.errors import InputError
 from rlhflab.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
 from rlhflab.stages import artefacts
-from rlhflab.stages.evaluate import evaluate_final_model
+from rlhflab.stages.evaluate import completion_budget, evaluate_final_model
 from rlhflab.tasks import get_task
 from rlhflab.tasks.base import Task
 from rlhflab.training.distributed import data_parallel
@@ -35,7 +35,7 @@ console = Console(stderr=True)
 def task_artefacts(cfg: Any) -> artefacts.TaskArtefacts:
     if not cfg.task:
         raise InputError("give --model and --data, or --task reviews|arithmetic", field="task")
-    return artefacts.TaskArtefacts(task=cfg.task, size=cfg.task_size, cache_dir=cfg.cache_dir, progress=cfg.progress)
+    return artefacts.TaskArtefacts.of(cfg)
 
 
 def resolve_model(cfg: RunConfig, build_default) -> str:
@@ -50,11 +50,6 @@ def _tokenize_all(tokenize, tokenizer: Any, examples: list, cfg: Any) -> list:
     if counter.message():
         console.print(f"[yellow]warning:[/] {counter.message()}")
     return out
-
-
-def _task_budget(cfg: RunConfig) -> int:
-    """Completion budget of the end-of-run evaluation: the task's, else 32."""
-    return get_task(cfg.task).max_new_tokens if cfg.task else 32
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -81,7 +76,7 @@ def sft(cfg: SFTConfig) -> Path:
     with data_parallel():  # under torchrun; prerequisites above were built by one process
         path = run_sft(cfg, load_causal_lm(model_path, cfg.trust_remote_code), tokenizer, examples)
     console.print(f"SFT model: {path}")
-    evaluate_final_model(cfg, path, reference=model_path, max_new_tokens=_task_budget(cfg))
+    evaluate_final_model(cfg, path, reference=model_path)
     return path
 
 
@@ -104,7 +99,7 @@ def train_reward_model(cfg: RewardModelConfig) -> Path:
     with data_parallel():
         path = run_reward_model(cfg, load_scalar_model(model_path, cfg.trust_remote_code), tokenizer, pairs)
     accuracy = final_metrics(path.parent).get("eval/accuracy")
-    console.print(f"reward model: {path}" + (f" (held-out pairwise accuracy {accuracy:.3f})" if accuracy else ""))
+    console.print(f"reward model: {path}" + (f" (held-out pairwise accuracy {accuracy:.3f})" if isinstance(accuracy, float) else ""))
     return path
 
 
@@ -122,7 +117,7 @@ def dpo(cfg: DPOConfig) -> Path:
     if isinstance(accuracy, float):
         console.print(f"held-out implicit-reward accuracy {accuracy:.3f}")
     console.print(f"DPO policy: {path}")
-    evaluate_final_model(cfg, path, reference=model_path, max_new_tokens=_task_budget(cfg))
+    evaluate_final_model(cfg, path, reference=model_path)
     return path
 
 
@@ -165,7 +160,7 @@ def _rl_inputs(cfg: PPOConfig | GRPOConfig) -> tuple[Any, RLInputs]:
     if reward_fn is None and rm_path is None:
         raise InputError("give --reward-fn FILE.py:NAME, --reward-model DIR or --task", field="reward_fn")
     if cfg.max_new_tokens is None:
-        cfg = replace(cfg, max_new_tokens=task.max_new_tokens if task else 32)
+        cfg = replace(cfg, max_new_tokens=completion_budget(task))
     tokenizer = load_tokenizer(policy_path, cfg.trust_remote_code)
     return cfg, RLInputs(policy_path, tokenizer, prompts, columns, reward_fn, rm_path, task)
 

@@ -19,7 +19,8 @@ PAIRED_METRICS = ("gold", "rm_score", "kl", "malformed")
 
 
 def read_eval(run_dir: Path) -> dict[str, Any] | None:
-    """The evaluation-suite results of a run folder (eval.json; a DPO run's end-of-run suite counts too)."""
+    """The evaluation-suite results of a run folder (eval.json; `{"suite": ...}` is the layout DPO run folders
+    written before the stages took over the end-of-run evaluation still have)."""
     path = Path(run_dir) / "eval.json"
     if not path.is_file():
         return None

@@ -128,13 +128,10 @@ def build_shared_artefacts(cfg: StudyConfig) -> dict[str, Any]:
     """Base, SFT and reward model (and the preference pairs) of the task, built once before any arm."""
     if not cfg.task or cfg.model:
         return {"sft_model": cfg.model, "reward_model": cfg.reward_model}
-    cached = artefacts.TaskArtefacts(task=cfg.task, size=cfg.task_size, cache_dir=cfg.cache_dir, progress=cfg.progress)
+    cached = artefacts.TaskArtefacts.of(cfg)
     shared: dict[str, Any] = {"sft_model": str(artefacts.sft_model(cached)),
                               "reward_model": str(artefacts.reward_model(cached))}  # fmt: skip
     shared["rm_heldout_accuracy"] = final_metrics(Path(shared["reward_model"]).parent).get("eval/accuracy")
-    rm_eval = Path(shared["reward_model"]).parent / "eval.json"  # reward models built before the loop logged it
-    if shared["rm_heldout_accuracy"] is None and rm_eval.is_file():
-        shared["rm_heldout_accuracy"] = json.loads(rm_eval.read_text()).get("eval/accuracy")
     console.print(f"shared artefacts: SFT {shared['sft_model']}, reward model {shared['reward_model']}")
     return shared
 

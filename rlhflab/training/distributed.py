@@ -59,7 +59,7 @@ _world: ContextVar[World] = ContextVar("rlhflab_world", default=ONE_PROCESS)
 
 class RunContinuesOnMain(SystemExit):
     """Raised by `train()` on processes other than rank 0 once training is done: what follows a run
-    (held-out evaluation, eval.json, the final model) is rank 0's. Uncaught, it ends the process with
+    (the final model, the stage's end-of-run evaluation and eval.json) is rank 0's. Uncaught, it ends the process with
     exit code 0; a script that trains twice catches it."""
 
     def __init__(self) -> None:

@@ -53,6 +53,7 @@ from rlhflab.training.checkpoint import (
 from rlhflab.training.distributed import TrainingGroup
 from rlhflab.training.metrics import MetricsWriter, truncate_jsonl
 from rlhflab.training.precision import bf16_is_emulated, mixed_precision
+from rlhflab.training.sharding import check_divisible
 
 console = Console(stderr=True)
 
@@ -124,7 +125,9 @@ def train(cfg: RunConfig, recipe: Recipe, monitors: list[Monitor] | None = None)
     training/distributed.py) and processes other than rank 0 end when training is done
     (`distributed.RunContinuesOnMain`).
     """
-    _check_batch_splits(cfg)
+    # one process keeps uneven micro-batches; data-parallel processes each take grad_accum equal ones
+    check_divisible(cfg.batch_size, cfg.grad_accum,
+                    f"the batch must split into grad_accum ({cfg.grad_accum}) equal micro-batches per process")
     run = _set_up(cfg, recipe, monitors)
     _resume(run)
     run.writer = _open_logs(run)
@@ -140,16 +143,6 @@ def train(cfg: RunConfig, recipe: Recipe, monitors: list[Monitor] | None = None)
     run.writer.close()
     distributed.leave_unless_main()
     return run.evaluation
-
-
-def _check_batch_splits(cfg: RunConfig) -> None:
-    world = distributed.world_size()
-    if world > 1 and cfg.batch_size % (cfg.grad_accum * world):  # one process keeps uneven micro-batches
-        raise InputError(
-            f"with {world} processes the batch must split into grad_accum ({cfg.grad_accum}) equal micro-batches "
-            f"per process: make it a multiple of {cfg.grad_accum * world}",
-            field="batch_size",
-        )
 
 
 def _set_up(cfg: RunConfig, recipe: Recipe, monitors: list[Monitor] | None) -> _Run:

@@ -79,6 +79,8 @@ class RunConfig(TaskConfig):
     threads: int = opt(0, "torch threads; 0: all cores", minimum=0)
     precision: Literal["fp32", "bf16"] = opt(
         "fp32", "bf16: autocast in forwards and sampling (TRL's bf16=True); weights stay fp32")
+    gradient_checkpointing: bool = opt(
+        False, "recompute decoder-layer activations in the backward: less memory, about one more forward")
     trust_remote_code: bool = opt(False, "allow custom model code from a model folder / hub id")
     progress: bool = opt(True, "rich progress bar")
 

@@ -33,3 +33,31 @@ def test_accumulation_matches_full_batch(name, tmp_path):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (grad_accum, a["step"])
         for (key, p), q in zip(whole.model.state_dict().items(), split.model.state_dict().values(), strict=True):
             torch.testing.assert_close(q, p, rtol=0, atol=1e-4, msg=lambda m, k=key, g=grad_accum: f"{k}, {g}: {m}")
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_gradient_checkpointing_matches_the_plain_backward(name, tmp_path):
+    """--gradient-checkpointing recomputes each decoder layer in the backward: the same losses, gradient norms
+    and final weights as keeping every activation (recomputation repeats the same ops, so float32 rounding
+    alone may differ). It must also be on: a recomputed layer runs its forward twice per step."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    plain = GOLDEN_RUNS[name](tmp_path / "plain")
+    calls = []
+    original = GradientCheckpointingLayer.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.gradient_checkpointing and self.training)
+        return original(self, *args, **kwargs)
+
+    GradientCheckpointingLayer.__call__ = counting
+    try:
+        checkpointed = GOLDEN_RUNS[name](tmp_path / "checkpointed", gradient_checkpointing=True)
+    finally:
+        GradientCheckpointingLayer.__call__ = original
+    assert any(calls), "no decoder layer ran with checkpointing on"
+    for a, b in zip(plain.metrics, checkpointed.metrics, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a["step"])
+    for (key, p), q in zip(plain.model.state_dict().items(), checkpointed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")

@@ -44,6 +44,7 @@ from rlhflab.config import RunConfig
 from rlhflab.diagnostics.findings import Finding, FindingsLog, Monitor, NonFiniteMonitor
 from rlhflab.errors import InputError
 from rlhflab.training import distributed, hooks, random_state
+from rlhflab.training.activations import enable_gradient_checkpointing
 from rlhflab.training.checkpoint import (
     CheckpointWriteError,
     find_resume_checkpoint,
@@ -150,6 +151,8 @@ def _set_up(cfg: RunConfig, recipe: Recipe, monitors: list[Monitor] | None) -> _
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model = recipe.model
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters (a Python loop of per-tensor ops cost 0.14 s a step at 30M)
     optimizer = torch.optim.AdamW(

@@ -11,9 +11,7 @@ study and report are the layers above.
 from __future__ import annotations
 
 import os
-import sys
 import time
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import fields
@@ -25,7 +23,7 @@ from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 
-from rlhflab.config import choices_of, declaring_class, default_of, field_info, load_config
+from rlhflab.config import choices_of, declaring_class, default_of, field_info, load_config, strip_optional
 from rlhflab.errors import InputError
 
 console = Console(stderr=True)
@@ -72,8 +70,7 @@ def _field_type(hint: Any) -> tuple[click.ParamType, bool]:
     choices = choices_of(hint)
     if choices is not None:
         return click.Choice([str(c) for c in choices]), False
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    hint = strip_optional(hint)
     origin = typing.get_origin(hint)
     if origin in (list, tuple):
         item = (typing.get_args(hint) or (str,))[0]
@@ -328,11 +325,8 @@ app = Commands("rlhflab", context_settings=CONTEXT, no_args_is_help=True,
 
 
 def main() -> None:
-    try:
-        app(prog_name="rlhflab")
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
-        sys.exit(130)
+    # a KeyboardInterrupt inside a command exits 130 (the command's callback); elsewhere click's "Aborted!"
+    app(prog_name="rlhflab")
 
 
 if __name__ == "__main__":

@@ -115,10 +115,18 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
+def is_optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def strip_optional(hint: Any) -> Any:
+    """`X | None` -> X; any other type as it is."""
+    return next(a for a in typing.get_args(hint) if a is not type(None)) if is_optional(hint) else hint
+
+
 def choices_of(hint: Any) -> tuple[Any, ...] | None:
     """The allowed values of a `Literal[...]` (or `Literal[...] | None`) type; None for other types."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    hint = strip_optional(hint)
     return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
@@ -129,14 +137,10 @@ def _suggest(key: str, valid: list[str]) -> str:
 
 def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     """Convert a YAML or CLI value to the field's type; a wrong type is an InputError naming the key."""
-    hint = annotation
+    if is_optional(annotation) and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    hint = strip_optional(annotation)
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        hint = args[0]
-        origin = typing.get_origin(hint)
     if origin is Literal:
         allowed = typing.get_args(hint)
         if not isinstance(value, str | int | float) or str(value) not in [str(a) for a in allowed]:

@@ -82,6 +82,8 @@ class RunConfig(TaskConfig):
     gradient_checkpointing: bool = opt(
         False, "recompute decoder-layer activations in the backward: less memory, about one more forward")
     trust_remote_code: bool = opt(False, "allow custom model code from a model folder / hub id")
+    peak_tflops: float = opt(
+        0.0, "the device's peak TFLOP/s, for perf/mfu; 0: known CUDA devices' bf16 peak, else no perf/mfu", minimum=0.0)
     progress: bool = opt(True, "rich progress bar")
 
 

@@ -21,11 +21,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from rlhflab.data.collate import TokenizedExample, tokenize_preference, tokenize_prompt_completion
 from rlhflab.data.loading import from_records
 from rlhflab.models.tokenizer import train_tokenizer
-from rlhflab.training.metrics import WALL_CLOCK_KEYS, read_metrics
+from rlhflab.training.metrics import is_wall_clock, read_metrics
 
 PROMPTS = ["a b", "c d e", "f g", "h a b c", "b", "e f"]
 LETTERS = "abcdefgh"
-TIMING_KEYS = frozenset(WALL_CLOCK_KEYS)  # metrics that differ between two runs of the same steps
 
 
 # --- tokenizers ------------------------------------------------------------------------------------------------------
@@ -126,7 +125,7 @@ def preference_pairs(tokenizer, n: int, seed: int = 0) -> list[tuple[TokenizedEx
 
 def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Metrics lines without the keys that measure time: two runs of the same steps must agree on the rest."""
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+    return [{k: v for k, v in row.items() if not is_wall_clock(k)} for row in rows]
 
 
 def forget_the_label_shift(monkeypatch, module) -> None:

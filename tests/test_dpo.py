@@ -38,7 +38,7 @@ from rlhflab.training.loop import train
 from rlhflab.training.metrics import read_metrics
 from rlhflab.training.precision import freeze, mixed_precision
 
-# the recipe's and the loop's step metrics (num_tokens and tokens_per_second are the loop's: tests/test_training.py)
+# the recipe's and the loop's step metrics (num_tokens and perf/tokens_per_second are the loop's: tests/test_training.py)
 TRL_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
 TRL_NAMES += ["logps/chosen", "logps/rejected", "grad_norm", "lr"]
 

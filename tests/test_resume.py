@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from fault_launcher import Faults
-from helpers import TIMING_KEYS
+from helpers import without_timing
 from safetensors.torch import load_file
 
 from rlhflab.cli import app
@@ -37,7 +37,7 @@ FAULT_LAUNCHER = Path(__file__).with_name("fault_launcher.py")
 
 MAX_STEPS = 8
 CHECKPOINT_EVERY = 2
-# TIMING_KEYS (wall-clock quantities) differ between any two runs; everything else must match bit for bit.
+# Wall-clock quantities (`time`, `timing/*`, `perf/*`: without_timing) differ between any two runs; everything else must match bit for bit.
 
 
 def _commands(i: dict[str, str]) -> dict[str, list[str]]:
@@ -95,7 +95,7 @@ def subprocess_env() -> dict[str, str]:
 
 
 def comparable(out: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_metrics(out)]
+    return without_timing(read_metrics(out))
 
 
 def assert_same_run(straight: Path, resumed: Path) -> None:

@@ -135,7 +135,7 @@ def test_num_tokens_is_cumulative_across_resume_and_throughput_counts_this_proce
     rows = read_metrics(Path(straight.out))
     assert [r["num_tokens"] for r in rows] == expected
     # tokens since this process's first step, over the seconds since then (each step took 1 s)
-    assert [r["tokens_per_second"] for r in rows] == pytest.approx([expected[s] / (s + 1) for s in range(12)])
+    assert [r["perf/tokens_per_second"] for r in rows] == pytest.approx([expected[s] / (s + 1) for s in range(12)])
 
     interrupted = _cfg(tmp_path / "resumed", checkpoint_every=2)
     with pytest.raises(RuntimeError, match="killed"):
@@ -145,7 +145,7 @@ def test_num_tokens_is_cumulative_across_resume_and_throughput_counts_this_proce
     rows = read_metrics(Path(resumed.out))
     assert [r["num_tokens"] for r in rows] == expected
     # the resumed process started its clock and its count at step 4
-    assert [r["tokens_per_second"] for r in rows[4:]] == pytest.approx(
+    assert [r["perf/tokens_per_second"] for r in rows[4:]] == pytest.approx(
         [(expected[s] - expected[3]) / (s - 3) for s in range(4, 12)])
 
 

@@ -42,6 +42,7 @@ from rlhflab.diagnostics.dpo import (
     StartCheckMonitor,
 )
 from rlhflab.diagnostics.findings import Monitor
+from rlhflab.training import timing
 from rlhflab.training.checks import stop_on_mask_mismatch
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
 from rlhflab.training.loop import StepPlan, save_final_model, start_run, train
@@ -144,7 +145,10 @@ class DPORecipe:
         """log π_ref of each pair: from the cache, else one no-grad packed forward (then cached)."""
         if not self.cfg.live_reference and self.cache.has_all(keys):
             return self.cache.lookup(keys)
-        chosen, rejected = pair_logps(self._reference_model(), packed)
+        with timing.phase("reference"):  # loading the reference, the first time, included
+            reference = self._reference_model()
+            timing.count_flops(reference, packed.num_tokens)
+            chosen, rejected = pair_logps(reference, packed)
         if self.cfg.live_reference:
             return chosen, rejected
         self.cache.put(keys, chosen, rejected)
@@ -200,6 +204,7 @@ class DPORecipe:
                         cfg.label_smoothing, chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2])
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        timing.count_flops(self.model, batch["packed"].num_tokens, backward=True)
         chosen, rejected = pair_logps(self.model, batch["packed"])  # [B], [B]
         losses, chosen_rewards, rejected_rewards = self.pair_losses(chosen, rejected, batch)  # [B] each
         total = losses
@@ -231,6 +236,7 @@ class DPORecipe:
         parts = []  # (losses, chosen rewards, rejected rewards, wins) of each chunk
         with mixed_precision(self.cfg.precision, self.model):  # as in training, also when called after it
             for batch in self._eval_batches():
+                timing.count_flops(self.model, batch["packed"].num_tokens)
                 loss, r_c, r_r = self.pair_losses(*pair_logps(self.model, batch["packed"]), batch)
                 parts.append((loss, r_c, r_r, wins(r_c, r_r, batch, self.cfg.beta, self.cfg.precision)))
         self.model.train(was_training)

@@ -53,6 +53,7 @@ from rlhflab.core.advantages import group_advantages, group_reward_std, rloo_adv
 from rlhflab.core.kl import kl_k3
 from rlhflab.core.policy_loss import aggregate, clipped_surrogate, masked_mean, sequence_level_logps
 from rlhflab.diagnostics.rl import grpo_monitors
+from rlhflab.training import timing
 from rlhflab.training.checks import stop_on_mask_mismatch
 from rlhflab.training.loop import StepPlan, save_final_model
 from rlhflab.training.sharding import plan_micro_batches
@@ -103,9 +104,11 @@ class GRPORecipe:
         cfg, k = self.cfg, self.cfg.group_size
         prompts, prompt_ids, columns = self.pool.take(cfg.batch_size)
         seeds = step_seeds(cfg.seed, step, len(prompts))
-        rollout = generate(self.model, self.tokenizer, prompts, prompt_ids, k, self.settings, seeds, columns)
-        rewards, parts = score(rollout, self.reward_fns, self.reward_model, self.tokenizer.pad_token_id,
-                               cfg.reward_weights)  # [N], and each reward function's [N]
+        with timing.phase("sample"):
+            rollout = generate(self.model, self.tokenizer, prompts, prompt_ids, k, self.settings, seeds, columns)
+        with timing.phase("score"):
+            rewards, parts = score(rollout, self.reward_fns, self.reward_model, self.tokenizer.pad_token_id,
+                                   cfg.reward_weights)  # [N], and each reward function's [N]
         if cfg.advantage_estimator == "rloo":
             advantages = rloo_advantages(rewards, k)  # [N]
         else:
@@ -138,9 +141,11 @@ class GRPORecipe:
         rows = rows_of(groups, rollout.group_size)
         old_logps = ref_logps = None
         if with_forwards and self.cfg.num_iterations > 1:
-            old_logps = policy_logps(self.model, packed, self.cfg.temperature)[0]
+            with timing.phase("old_logps", self.model, packed.num_tokens):
+                old_logps = policy_logps(self.model, packed, self.cfg.temperature)[0]
         if with_forwards and self.cfg.beta > 0:
-            ref_logps = policy_logps(self.reference, packed, self.cfg.temperature)[0]
+            with timing.phase("reference", self.reference, packed.num_tokens):
+                ref_logps = policy_logps(self.reference, packed, self.cfg.temperature)[0]
         in_loss = in_loss[rows]  # [n]
         lengths = packed.completion_lengths * in_loss
         num_items = int(lengths.sum()) if self.cfg.loss_agg == "token_mean" else int((lengths > 0).sum())
@@ -149,6 +154,7 @@ class GRPORecipe:
 
     def loss(self, mb: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
+        timing.count_flops(self.model, mb["packed"].num_tokens, backward=True)
         logps, mask, entropy = policy_logps(self.model, mb["packed"], cfg.temperature, with_entropy=True)  # [n, T]
         mask = mask & mb["in_loss"][:, None].to(mask.device)
         old_logps = logps.detach() if mb["old_logps"] is None else mb["old_logps"]

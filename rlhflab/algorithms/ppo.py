@@ -52,6 +52,7 @@ from rlhflab.core.kl import get_kl_estimator
 from rlhflab.core.packing import completion_mask
 from rlhflab.core.policy_loss import aggregate, clipped_surrogate, clipped_value, masked_mean
 from rlhflab.diagnostics.rl import ppo_monitors
+from rlhflab.training import timing
 from rlhflab.training.checks import stop_on_mask_mismatch
 from rlhflab.training.data_order import chunks
 from rlhflab.training.loop import StepPlan, save_final_model
@@ -120,10 +121,12 @@ class PPORecipe:
         cfg = self.cfg
         prompts, prompt_ids, columns = self.pool.take(cfg.batch_size)
         seeds = step_seeds(cfg.seed, step, len(prompts))  # sampling: seeded by the step, see rollout.generate
-        rollout = generate(self.policy, self.tokenizer, prompts, prompt_ids, cfg.group_size, self.settings, seeds,
-                           columns)
-        scores, parts = score(rollout, self.reward_fns, self.reward_model, self.tokenizer.pad_token_id,
-                              cfg.reward_weights)  # [N], and each reward function's [N]
+        with timing.phase("sample"):
+            rollout = generate(self.policy, self.tokenizer, prompts, prompt_ids, cfg.group_size, self.settings,
+                               seeds, columns)
+        with timing.phase("score"):
+            scores, parts = score(rollout, self.reward_fns, self.reward_model, self.tokenizer.pad_token_id,
+                                  cfg.reward_weights)  # [N], and each reward function's [N]
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * rollout.truncated.float()
         order = torch.randperm(len(prompts), generator=self.shuffle).tolist()
@@ -134,7 +137,8 @@ class PPORecipe:
             self._checked_mask = True
             stop_on_mask_mismatch(cfg.out, minibatches[0][0]["packed"], prompt_groups(rollout, plans[0][0][0]))
         metrics = {**rollout_metrics(rollout, scores, self.gold_fn), **reward_metrics(parts)}
-        metrics.update(self._advantages(minibatches, scores, rollout.lengths().long()))
+        with timing.phase("advantages"):
+            metrics.update(self._advantages(minibatches, scores, rollout.lengths().long()))
         updates = []
         for _ in range(cfg.ppo_epochs):
             visit = torch.randperm(len(minibatches), generator=self.shuffle).tolist() if updates else range(len(minibatches))
@@ -152,9 +156,12 @@ class PPORecipe:
         mask = completion_mask(packed)  # [n, T]
         mb = {"packed": packed, "rows": rows_of(groups, rollout.group_size), "mask": mask, "num_items": int(mask.sum())}
         if with_forwards:
-            mb["old_logps"] = policy_logps(self.policy, packed, self.cfg.temperature)[0]
-            mb["ref_logps"] = policy_logps(self.reference, packed, self.cfg.temperature)[0]
-            mb["old_values"] = packed_values(self.value_model, packed)
+            with timing.phase("old_logps", self.policy, packed.num_tokens):
+                mb["old_logps"] = policy_logps(self.policy, packed, self.cfg.temperature)[0]
+            with timing.phase("reference", self.reference, packed.num_tokens):
+                mb["ref_logps"] = policy_logps(self.reference, packed, self.cfg.temperature)[0]
+            with timing.phase("values", self.value_model, packed.num_tokens):
+                mb["old_values"] = packed_values(self.value_model, packed)
         return mb
 
     @torch.no_grad()
@@ -197,6 +204,7 @@ class PPORecipe:
 
     def loss(self, mb: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, mask = self.cfg, mb["mask"]
+        timing.count_flops(self.model, mb["packed"].num_tokens, backward=True)  # the policy's and the value model's
         logps, _, entropy = policy_logps(self.policy, mb["packed"], cfg.temperature, with_entropy=True)  # [n, T]
         values = packed_values(self.value_model, mb["packed"])  # [n, T]
         pg, stats = clipped_surrogate(logps, mb["old_logps"], mb["advantages"], mask, cfg.clip_eps)

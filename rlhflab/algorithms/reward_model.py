@@ -24,6 +24,7 @@ from rlhflab.core.losses import bradley_terry_loss
 from rlhflab.core.packing import PackedBatch, mask_for, to_padded
 from rlhflab.data.collate import Pair, pack_pairs, pair_groups
 from rlhflab.models.scoring import pool_scores, score_pooling, token_scores
+from rlhflab.training import timing
 from rlhflab.training.checks import stop_on_mask_mismatch
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
 from rlhflab.training.loop import StepPlan, save_final_model, start_run, train
@@ -76,6 +77,7 @@ class RewardModelRecipe:
         return StepPlan([micro_batches], num_tokens=sum(mb["packed"].num_tokens for mb in micro_batches))
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        timing.count_flops(self.model, batch["packed"].num_tokens, backward=True)
         chosen, rejected = pair_scores(self.model, batch["packed"])
         losses = bradley_terry_loss(chosen, rejected)  # [B]
         with torch.no_grad():
@@ -100,6 +102,7 @@ class RewardModelRecipe:
         margins = []
         for start in range(0, len(self.eval_pairs), chunk):
             packed = pack_pairs(self.eval_pairs[start : start + chunk], self.cfg.max_row_tokens, self.pad_token_id)
+            timing.count_flops(self.model, packed.num_tokens)
             chosen, rejected = pair_scores(self.model, packed)
             margins.append(chosen - rejected)
         self.model.train(was_training)

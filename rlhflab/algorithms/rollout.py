@@ -35,6 +35,7 @@ from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TruncationCounter, tokenize_prompt
 from rlhflab.diagnostics.findings import Monitor
 from rlhflab.models.scoring import reward_model_scores, token_scores
+from rlhflab.training import timing
 from rlhflab.training.data_order import EpochSampler
 from rlhflab.training.loop import console, start_run, train
 from rlhflab.training.precision import freeze
@@ -143,7 +144,10 @@ def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt
             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=[seeds[i] for i in mine],
         )  # fmt: skip
-        return list(zip(samples.completions(), samples.truncated.tolist(), strict=True))
+        completions = samples.completions()
+        # each prompt is prefilled once for its k rows, then one forward per sampled token
+        timing.count_flops(policy, sum(len(prompt_ids[i]) for i in mine) + sum(map(len, completions)))
+        return list(zip(completions, samples.truncated.tolist(), strict=True))
 
     rows = shared_work(len(prompts), sample_rows)  # every process samples its block of prompts
     completions = [completion for completion, _ in rows]
@@ -168,6 +172,7 @@ def score(rollout: Rollout, reward_fns: list[RewardFn] | None, reward_model: tor
             rows = rows_of(mine, k).tolist()
             row_ids = [rollout.prompt_ids[i // k] for i in rows]
             completions = [rollout.completions[i] for i in rows]
+            timing.count_flops(reward_model, sum(map(len, row_ids)) + sum(map(len, completions)))  # unpacked rows
             return reward_model_scores(reward_model, row_ids, completions, pad_token_id).tolist()
 
         return torch.tensor(shared_work(len(rollout.prompts), model_scores), dtype=torch.float32), {}  # [N]

@@ -18,6 +18,7 @@ from rlhflab.config import RunConfig, opt
 from rlhflab.core.logprobs import token_logps
 from rlhflab.data.collate import TokenizedExample, collate_sequences, render_mask
 from rlhflab.diagnostics.checks import check_response_mask
+from rlhflab.training import timing
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
 from rlhflab.training.loop import StepPlan, TrainingStopped, emit_finding, save_final_model, start_run, train
 
@@ -66,6 +67,7 @@ class SFTRecipe:
             raise TrainingStopped(finding.message, 3)
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        timing.count_flops(self.model, int(batch["attention_mask"].sum()), backward=True)  # real tokens, not padding
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
         logps = token_logps(logits, batch["input_ids"])  # [B, T-1]
         mask = batch["response_mask"][:, 1:].bool()  # shifts with the labels

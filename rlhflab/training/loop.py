@@ -19,7 +19,14 @@ accumulation normalised over the whole accumulated batch).
               ─► metrics.jsonl / TensorBoard ─► stop on a non-finite step or an error finding
 
 Every metrics line also holds the loop's `num_tokens` (cumulative over the run, kept in checkpoints)
-and `tokens_per_second` (since this process's first step), from each StepPlan's `num_tokens`.
+and `perf/tokens_per_second` (since this process's first step), from each StepPlan's `num_tokens`, and
+where the step's time went (training/timing.py): `timing/step` (wall seconds since the previous step's
+line), the loop's own phases `timing/plan` (plan_step, less the phases the recipe marks inside it:
+`timing/sample`, `timing/score`, `timing/reference`, ...), `timing/update` (forward, backward and
+optimizer of every update), `timing/evaluate`, `timing/checkpoint` (written after the previous step),
+and `perf/tflops`, `perf/mfu` from the FLOPs the recipe counts. Every `timing/` and `perf/` key is
+wall-clock (`training.metrics.WALL_CLOCK_KEYS`). Under torchrun each process times itself; rank 0's
+numbers are the ones written.
 
 With `precision: bf16`, plan_step (sampling, reference forwards), evaluate() and every loss forward run
 under bf16 autocast; backward, optimizer, weights and checkpoints stay fp32 (mixed precision).
@@ -43,7 +50,7 @@ from transformers import get_scheduler
 from rlhflab.config import RunConfig
 from rlhflab.diagnostics.findings import Finding, FindingsLog, Monitor, NonFiniteMonitor
 from rlhflab.errors import InputError
-from rlhflab.training import distributed, hooks, random_state
+from rlhflab.training import distributed, hooks, random_state, timing
 from rlhflab.training.activations import enable_gradient_checkpointing
 from rlhflab.training.checkpoint import (
     CheckpointWriteError,
@@ -116,6 +123,8 @@ class _Run:
     tokens_at_start: int = 0
     consecutive_bad: int = 0  # non-finite steps in a row
     evaluation: dict[str, float] = field(default_factory=dict)  # the latest recipe.evaluate()
+    peak_flops: float | None = None  # the device's peak FLOP/s, for perf/mfu (None: unknown)
+    timer: timing.StepTimer | None = None  # this process's phase timer, from its first step
 
 
 def train(cfg: RunConfig, recipe: Recipe, monitors: list[Monitor] | None = None) -> dict[str, float]:
@@ -176,6 +185,7 @@ def _set_up(cfg: RunConfig, recipe: Recipe, monitors: list[Monitor] | None) -> _
         monitors=[NonFiniteMonitor(), *(monitors or [])],
         findings=FindingsLog(out / "diagnostics.jsonl", console),
         hooks=hooks.current(),
+        peak_flops=timing.peak_flops(next(model.parameters()).device, cfg.peak_tflops),
     )  # fmt: skip
 
 
@@ -215,13 +225,16 @@ def _train_steps(run: _Run, group: TrainingGroup) -> None:
     with _StopSignal() as stop, _progress(cfg) as progress:
         bar = progress.add_task(run.out.name, total=cfg.max_steps, completed=run.start_step)
         run.started, run.tokens_at_start = time.perf_counter(), run.num_tokens
-        for step in range(run.start_step, cfg.max_steps):
-            metrics = _step(run, group, step)
-            progress.update(bar, completed=step + 1, description=_describe(metrics, run.recipe))
-            done = step + 1
-            _stop_on_signal(run, stop, done)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-                _checkpoint(run, done)
+        run.timer = timing.StepTimer(clock=time.perf_counter)  # the loop's clock: tests replace it
+        with timing.measuring(run.timer):
+            for step in range(run.start_step, cfg.max_steps):
+                metrics = _step(run, group, step)
+                progress.update(bar, completed=step + 1, description=_describe(metrics, run.recipe))
+                done = step + 1
+                _stop_on_signal(run, stop, done)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                    with timing.phase("checkpoint"):  # timed in the next step's line
+                        _checkpoint(run, done)
 
 
 def _step(run: _Run, group: TrainingGroup, step: int) -> dict[str, float]:
@@ -229,20 +242,22 @@ def _step(run: _Run, group: TrainingGroup, step: int) -> dict[str, float]:
     cfg, model = run.cfg, run.recipe.model
     run.hooks.before_step(step)
     model.train()
-    with mixed_precision(cfg.precision, model):
+    with timing.phase("plan"), mixed_precision(cfg.precision, model):
         plan = run.recipe.plan_step(step)
-    # a step of several updates (PPO epochs, GRPO iterations) may go bad after some were applied:
-    # in skip mode the whole step is undone, so keep a copy of the state it started from
-    before = _snapshot(run) if cfg.on_nonfinite == "skip" and len(plan.updates) > 1 else None
-    metrics, applied = _run_updates(run, group, plan, step)
-    if not applied and before is not None:
-        _restore(run, before)
+    with timing.phase("update"):
+        # a step of several updates (PPO epochs, GRPO iterations) may go bad after some were applied:
+        # in skip mode the whole step is undone, so keep a copy of the state it started from
+        before = _snapshot(run) if cfg.on_nonfinite == "skip" and len(plan.updates) > 1 else None
+        metrics, applied = _run_updates(run, group, plan, step)
+        if not applied and before is not None:
+            _restore(run, before)
     run.num_tokens += plan.num_tokens
     metrics = {**plan.metrics, **metrics, "lr": run.scheduler.get_last_lr()[0], **_throughput(run)}
     evaluates = step == cfg.max_steps - 1 or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
     if evaluates:
         run.evaluation = _evaluate(run)
         metrics |= run.evaluation
+    metrics |= run.timer.lap().metrics(run.peak_flops) if run.timer else {}
     new_findings = [f for m in run.monitors for f in m.observe(step, metrics)]
     if step % cfg.log_every == 0 or step == cfg.max_steps - 1 or not applied or evaluates:
         run.writer.write(step, metrics, time.perf_counter() - run.started)
@@ -318,14 +333,14 @@ def _throughput(run: _Run) -> dict[str, float]:
     """The run's token count so far, and tokens per second of wall time since this process's first step."""
     elapsed = time.perf_counter() - run.started
     done = run.num_tokens - run.tokens_at_start
-    return {"num_tokens": float(run.num_tokens), "tokens_per_second": done / elapsed if elapsed > 0 else 0.0}
+    return {"num_tokens": float(run.num_tokens), "perf/tokens_per_second": done / elapsed if elapsed > 0 else 0.0}
 
 
 def _evaluate(run: _Run) -> dict[str, float]:
     evaluate = getattr(run.recipe, "evaluate", None)
     if evaluate is None:
         return {}
-    with mixed_precision(run.cfg.precision, run.recipe.model):
+    with timing.phase("evaluate"), mixed_precision(run.cfg.precision, run.recipe.model):
         return dict(evaluate())
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 # Keys of a metrics line that measure wall time: they differ between any two runs of the same seed.
-WALL_CLOCK_KEYS = ("time", "tokens_per_second")
+# `time`, and every key under these prefixes: `timing/*` (seconds per phase), `perf/*` (throughput, MFU).
+WALL_CLOCK_KEYS = ("time",)
+WALL_CLOCK_PREFIXES = ("timing/", "perf/")
+
+
+def is_wall_clock(key: str) -> bool:
+    """Whether a metric measures wall time (see WALL_CLOCK_KEYS): compare two runs without these."""
+    return key in WALL_CLOCK_KEYS or key.startswith(WALL_CLOCK_PREFIXES)
 
 
 def _jsonable(value: float) -> Any:

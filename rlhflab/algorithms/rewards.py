@@ -73,6 +73,15 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
+def short_spec(specs: str) -> str:
+    """Comma-separated specs with each file named by its file name alone (`rewards.py:exact`): a label."""
+    parts = []
+    for spec in specs.split(","):
+        where, _, name = spec.strip().rpartition(":")
+        parts.append(f"{Path(where).name if where.endswith('.py') else where}:{name}")
+    return ",".join(parts)
+
+
 def load_reward_fns(specs: str) -> list[RewardFn]:
     """The functions named by comma-separated specs (`a.py:format,a.py:accuracy`), in order."""
     fns = [load_reward_fn(spec.strip()) for spec in specs.split(",") if spec.strip()]
@@ -114,6 +123,37 @@ def check_reward_weights(weights: list[float] | None, num_fns: int) -> list[floa
         raise InputError(f"{len(weights)} reward weights for {num_fns} reward functions: give one per function",
                          field="reward_weights")
     return list(weights)
+
+
+def as_completion(prompt: Any, text: str) -> Any:
+    """A completion as TRL passes it to reward functions: the text, or for a conversation's prompt one
+    assistant message."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def reward_fns_as_gold(fns: list[RewardFn], weights: list[float] | None, prompts: list[Any],
+                       columns: dict[str, list[Any]] | None = None) -> RewardFn:
+    """The reward functions as the evaluation suite's gold reward `gold(row_prompts, texts) -> list[float]`:
+    Σ_i weights[i] · f_i, each called as in training (`call_reward_fn`, TRL's conventions), with the fields
+    `columns` ({name: one value per prompt of `prompts`}) passed row by row.
+
+    The suite's rows are grouped, n samples per prompt in the order of `prompts` (rows i·n .. i·n+n−1 continue
+    prompt i), which is how a row finds its prompt's fields. Token ids are not passed (the suite gives texts).
+    """
+    weights = check_reward_weights(weights, len(fns))
+    columns = columns or {}
+
+    def gold(row_prompts: list[Any], texts: list[str]) -> list[float]:
+        n, rest = divmod(len(texts), len(prompts))
+        if rest or row_prompts != [prompts[i // n] for i in range(len(texts))]:
+            raise ValueError("the gold reward expects the rows of its prompts, n samples each, in order")
+        row_columns = {name: [values[i // n] for i in range(len(texts))] for name, values in columns.items()}
+        completions = [as_completion(p, t) for p, t in zip(row_prompts, texts, strict=True)]
+        total = sum(w * call_reward_fn(fn, row_prompts, completions, row_columns)
+                    for w, fn in zip(weights, fns, strict=True))
+        return total.tolist()
+
+    return gold
 
 
 def call_reward_fn(fn: RewardFn, prompts: list[Any], completions: list[Any],

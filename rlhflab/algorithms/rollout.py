@@ -20,7 +20,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from rlhflab.algorithms.rewards import RewardFn, call_reward_fn, check_reward_weights, reward_names
+from rlhflab.algorithms.rewards import (
+    RewardFn,
+    as_completion,
+    call_reward_fn,
+    check_reward_weights,
+    reward_names,
+)
 from rlhflab.config import RunConfig, opt
 from rlhflab.core.advantages import group_reward_std
 from rlhflab.core.packing import (
@@ -181,9 +187,7 @@ def score(rollout: Rollout, reward_fns: list[RewardFn] | None, reward_model: tor
         def fn_scores(mine: list[int], fn: RewardFn = fn) -> list[float]:
             rows = rows_of(mine, k).tolist()
             row_prompts = [rollout.prompts[i // k] for i in rows]
-            # a conversation's completion is one assistant message, as TRL passes it
-            completions = [[{"role": "assistant", "content": rollout.texts[i]}] if isinstance(prompt, list)
-                           else rollout.texts[i] for i, prompt in zip(rows, row_prompts, strict=True)]
+            completions = [as_completion(prompt, rollout.texts[i]) for i, prompt in zip(rows, row_prompts, strict=True)]
             columns = {column: [values[i // k] for i in rows] for column, values in rollout.columns.items()}
             completion_ids = [rollout.completions[i] for i in rows]
             return call_reward_fn(fn, row_prompts, completions, columns, completion_ids).tolist()

@@ -18,6 +18,16 @@ COLUMNS = {  # metric → column title, in table order
     "gold": "gold reward", "rm_score": "RM score", "kl": "KL to ref at T", "length": "length",
     "distinct_2": "distinct-2", "malformed": "malformed",
 }  # fmt: skip
+
+
+def column_title(study: dict[str, Any], metric: str) -> str:
+    """A metric's column title; a gold reward that is not a task's names its reward function."""
+    source = study.get("gold") or ""
+    if metric == "gold" and source.startswith("reward function "):
+        return f"gold: {source.removeprefix('reward function ')}"
+    return COLUMNS.get(metric, metric)
+
+
 EXAMPLE_PROMPTS = 4  # prompts shown side by side with each arm's completions
 TRAINING_EXAMPLES = 4  # completions shown from the first and the last logged step of a PPO/GRPO run
 
@@ -54,9 +64,9 @@ def summary_table(study: dict[str, Any], temperature: str) -> Table:
     metrics = [m for m in COLUMNS if any(m in s for s in block["summary"].values())]
     baseline = study.get("baseline")
     ranks = {(g, e["arm"]): rank_label(e) for g, ranking in block["ranking"].items() for e in ranking}
-    headers = ["rank", "arm", "algorithm", "group", "steps", *(COLUMNS[m] for m in metrics)]
+    headers = ["rank", "arm", "algorithm", "group", "steps", *(column_title(study, m) for m in metrics)]
     if block["paired"]:
-        headers.append(f"Δ {COLUMNS.get(metric, metric)} vs {baseline}")
+        headers.append(f"Δ {column_title(study, metric)} vs {baseline}")
     rows = []
     for arm in study["arms"]:
         if arm["name"] not in block["summary"]:
@@ -77,7 +87,7 @@ def ranking_paragraphs(study: dict[str, Any], temperature: str) -> list[str]:
     for group, ranking in study["temperatures"][temperature]["ranking"].items():
         order = ", ".join(f"{rank_label(e)} {e['arm']} ({e['mean']:+.3f})" for e in ranking)
         where = "" if group == "all" else f" in {group}"
-        out.append(f"Ranking by {metric}{where} at T={temperature}: {order}. "
+        out.append(f"Ranking by {column_title(study, metric)}{where} at T={temperature}: {order}. "
                    "`=` marks arms whose 95% interval overlaps another's (a tie at this sample size).")  # fmt: skip
     return out
 
@@ -177,6 +187,8 @@ def build_sections(study: dict[str, Any], root: Path, figures: dict[str, Path]) 
         held_out = f" (held-out pairwise accuracy {accuracy:.3f})" if isinstance(accuracy, float) else ""
         overview.blocks.append(f"Every arm starts from the SFT model `{shared['sft_model']}` and is scored by the "
                                f"reward model `{shared.get('reward_model')}`{held_out}.")  # fmt: skip
+    if study.get("gold"):
+        overview.blocks.append(f"Gold reward: {study['gold']}, applied to every sampled completion.")
     for run, message in shared.get("failed", {}).items():
         overview.blocks.append(f"**Run {run} stopped** and is left out of every table: {message}")
     if (timing := timing_paragraph(study)) is not None:

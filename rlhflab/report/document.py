@@ -18,7 +18,7 @@ from rlhflab.errors import InputError
 from rlhflab.report import html, markdown
 from rlhflab.report.content import build_sections
 from rlhflab.report.plots import draw_all
-from rlhflab.study.results import summarize_arms
+from rlhflab.study.results import read_eval, summarize_arms
 
 
 @dataclass
@@ -50,7 +50,8 @@ def run_as_study(run: Path) -> dict[str, Any]:
         arm["runs"][0]["seed"] = values.get("seed", 0)
         arm["max_steps"] = values.get("max_steps", "–")
     numbers = summarize_arms([{**arm, "runs": [{"seed": 0, "dir": str(run)}]}], None, "gold")
-    return {"name": f"run {arm['name']}", "kind": "run", "baseline": None, "arms": [arm], **numbers}
+    gold = (read_eval(run) or {}).get("gold")  # what the gold column is (eval.json names it)
+    return {"name": f"run {arm['name']}", "kind": "run", "baseline": None, "gold": gold, "arms": [arm], **numbers}
 
 
 def load_study(folder: Path) -> dict[str, Any]:

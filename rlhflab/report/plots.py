@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rlhflab.report.content import column_title  # noqa: E402
 from rlhflab.study.results import metric_grid, read_eval  # noqa: E402
 from rlhflab.training.metrics import read_metrics  # noqa: E402
 
@@ -129,7 +130,7 @@ def frontier(study: dict[str, Any], root: Path, out: Path) -> Path | None:
                     [summary[a][metric]["ci_high"] - v for a, v in zip(arms, y, strict=True)]]  # fmt: skip
             ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, color=color_of(algorithm, index), label=algorithm)
         ax.set_xlabel(f"KL to reference (nats, T={temperature})")
-        ax.set_ylabel({"gold": "gold reward", "rm_score": "reward-model score"}[metric])
+        ax.set_ylabel(column_title(study, metric) if metric == "gold" else "reward-model score")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return _save(fig, out / "frontier.png")

@@ -2,6 +2,11 @@
 
 Both load the models from folders and call `evaluation.suite.evaluate` through `run_suite`, so a model
 evaluated after training and one evaluated later by `rlhflab eval` are measured by the same code.
+
+The gold column is a built-in task's exact reward, or, for your own model and data, a reward function
+(`--reward-fn FILE.py:NAME`, TRL's conventions, as GRPO calls it; the prompt file's other fields reach it as
+keyword arguments). `eval` takes `--reward-fn` before the task's; the training commands (PPO/GRPO with
+`--reward-fn`) and `study` use theirs when there is no task. eval.json names it under "gold".
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from rlhflab.algorithms.rewards import load_reward_fns, reward_fns_as_gold, short_spec
 from rlhflab.config import RunConfig, TaskConfig, opt
 from rlhflab.data.loading import load_prompts
 from rlhflab.errors import InputError
 from rlhflab.evaluation import suite
 from rlhflab.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
+from rlhflab.models.scoring import RewardFn
 from rlhflab.stages import artefacts
 from rlhflab.tasks import get_task
 from rlhflab.tasks.base import Task
@@ -34,6 +41,10 @@ class EvalCommandConfig(TaskConfig):
     model: str | None = opt(None, "the policy to evaluate (default: the task's SFT model)")
     reference: str | None = opt(None, "reference for the KL (default: the task's SFT model)")
     reward_model: str | None = opt(None, "reward model folder (default: the task's reward model)")
+    reward_fn: str | None = opt(
+        None, "FILE.py:NAME or package.module:NAME (several: comma-separated): the gold reward, as GRPO calls it; "
+              "default: the task's")
+    reward_weights: list[float] | None = opt(None, "one per reward function (the gold is their weighted sum)")
     data: str | None = opt(None, "prompt-only file instead of the task's evaluation prompts")
     temperatures: list[float] = opt([0.3, 0.7, 1.0], "sampling temperatures", minimum=0.0)
     samples_per_prompt: int = opt(8, "samples per prompt and temperature", minimum=1)
@@ -44,24 +55,46 @@ class EvalCommandConfig(TaskConfig):
     progress: bool = opt(True, "rich progress bar")
 
 
-def evaluation_prompts(data: str | None, task: Task | None) -> list[Any] | None:
-    """A prompt-only file's prompts, else the task's 16 evaluation prompts, else None."""
+def evaluation_prompts(data: str | None, task: Task | None) -> tuple[list[Any] | None, dict[str, list[Any]]]:
+    """(prompts, their other fields {name: one value per prompt}) of a prompt-only file, else the task's 16
+    evaluation prompts (no fields), else (None, {})."""
     if data:
-        return [ex.prompt for ex in load_prompts(data)]
-    return task.eval_prompts() if task else None
+        examples = load_prompts(data)
+        names = dict.fromkeys(name for ex in examples for name in ex.extra)  # first-seen order
+        return [ex.prompt for ex in examples], {name: [ex.extra.get(name) for ex in examples] for name in names}
+    return (task.eval_prompts() if task else None), {}
+
+
+def gold_source(task: str | None, reward_fn: str | None) -> str | None:
+    """What the gold column is, as eval.json and study.json name it: the reward function(s), else the task's."""
+    if reward_fn:
+        return f"reward function {short_spec(reward_fn)}"
+    return f"task {task}" if task else None
+
+
+def gold_reward(task: Task | None, reward_fn: str | None, weights: list[float] | None, prompts: list[Any],
+                columns: dict[str, list[Any]]) -> RewardFn | None:
+    """The reward function(s) `reward_fn` as the gold reward when given, else the task's gold reward, else None."""
+    if reward_fn:
+        return reward_fns_as_gold(load_reward_fns(reward_fn), weights, prompts, columns)
+    return task.gold_reward if task else None
 
 
 def run_suite(policy: str, prompts: list[Any], settings: suite.EvalConfig, task: Task | None, *,
-              reference: str | None, reward_model: str | None, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Load the models from their folders and run the evaluation suite; the results name the policy."""
+              reference: str | None, reward_model: str | None, trust_remote_code: bool = False,
+              gold: RewardFn | None = None, gold_name: str | None = None) -> dict[str, Any]:
+    """Load the models from their folders and run the evaluation suite; the results name the policy and, under
+    "gold", what the gold column is. `gold`: the gold reward (default: the task's)."""
     results = suite.evaluate(
         load_causal_lm(policy, trust_remote_code), load_tokenizer(policy, trust_remote_code), prompts, settings,
         reward_model=load_scalar_model(reward_model) if reward_model else None,
-        gold_reward=task.gold_reward if task else None,
+        gold_reward=gold or (task.gold_reward if task else None),
         is_wellformed=task.is_wellformed if task else None,
         reference=load_causal_lm(reference) if reference else None,
     )  # fmt: skip
     results["model"] = policy
+    if gold_name or task:
+        results["gold"] = gold_name or gold_source(task.name, None)
     return results
 
 
@@ -85,9 +118,10 @@ def evaluate_model(cfg: EvalCommandConfig) -> dict[str, Any]:
     set_threads(cfg.threads)
     task = get_task(cfg.task) if cfg.task else None
     cached = artefacts.TaskArtefacts.of(cfg) if task else None
-    prompts = evaluation_prompts(cfg.data, task)
+    prompts, columns = evaluation_prompts(cfg.data, task)
     if prompts is None:
         raise InputError("give --task or --data (a prompt-only file)", field="data")
+    gold = gold_reward(task, cfg.reward_fn, cfg.reward_weights, prompts, columns)  # a bad spec fails before sampling
     if cfg.model is None and cached is None:
         raise InputError("give --model, or --task reviews|arithmetic", field="model")
     policy = cfg.model or str(artefacts.sft_model(cached))
@@ -96,26 +130,32 @@ def evaluate_model(cfg: EvalCommandConfig) -> dict[str, Any]:
     settings = suite.EvalConfig(temperatures=cfg.temperatures, samples_per_prompt=cfg.samples_per_prompt,
                                 seed=cfg.seed, max_new_tokens=cfg.max_new_tokens or completion_budget(task))
     results = run_suite(policy, prompts, settings, task, reference=reference, reward_model=reward_model,
-                        trust_remote_code=cfg.trust_remote_code)
+                        trust_remote_code=cfg.trust_remote_code, gold=gold,
+                        gold_name=gold_source(cfg.task, cfg.reward_fn))
     write_eval(Path(cfg.out), results)
     return results
 
 
 def evaluate_final_model(cfg: RunConfig, policy: Path, *, reference: str, max_new_tokens: int | None = None,
-                         reward_model: str | None = None) -> dict[str, Any] | None:
+                         reward_model: str | None = None, reward_fn: str | None = None,
+                         reward_weights: list[float] | None = None) -> dict[str, Any] | None:
     """The end of sft, dpo, ppo and grpo: with evaluation prompts (the task's or --eval-prompts) and
     --eval-temperatures, the suite on the final model against the starting one, into OUT/eval.json.
 
     `max_new_tokens`: the run's completion budget (PPO/GRPO), else `completion_budget`. The reward model is
-    the run's own (PPO/GRPO); no reward model is built for an evaluation."""
+    the run's own (PPO/GRPO); no reward model is built for an evaluation. The gold reward is the task's;
+    without a task, the run's reward function(s) `reward_fn` (PPO/GRPO), summed with `reward_weights`."""
     task = get_task(cfg.task) if cfg.task else None
-    prompts = evaluation_prompts(cfg.eval_prompts, task)
+    prompts, columns = evaluation_prompts(cfg.eval_prompts, task)
     if prompts is None or not cfg.eval_temperatures:
         return None
     settings = suite.EvalConfig(temperatures=cfg.eval_temperatures, samples_per_prompt=cfg.eval_samples_per_prompt,
                                 max_new_tokens=max_new_tokens or completion_budget(task))
+    gold_fn = None if task else reward_fn
     results = run_suite(str(policy), prompts, settings, task, reference=reference, reward_model=reward_model,
-                        trust_remote_code=cfg.trust_remote_code)
+                        trust_remote_code=cfg.trust_remote_code,
+                        gold=gold_reward(task, gold_fn, reward_weights, prompts, columns),
+                        gold_name=gold_source(cfg.task, gold_fn))
     write_eval(Path(cfg.out), results)
     return results
 

@@ -175,7 +175,7 @@ def grpo(cfg: GRPOConfig) -> Path:
                         gold_fn=inputs.task.gold_reward if inputs.task else None, prompt_columns=inputs.columns)
     console.print(f"GRPO policy: {path}")
     evaluate_final_model(cfg, path, reference=inputs.policy_path, reward_model=inputs.reward_model_path,
-                         max_new_tokens=cfg.max_new_tokens)
+                         max_new_tokens=cfg.max_new_tokens, reward_fn=cfg.reward_fn, reward_weights=cfg.reward_weights)
     return path
 
 
@@ -190,5 +190,5 @@ def ppo(cfg: PPOConfig) -> Path:
                        gold_fn=inputs.task.gold_reward if inputs.task else None, prompt_columns=inputs.columns)
     console.print(f"PPO policy: {path}")
     evaluate_final_model(cfg, path, reference=inputs.policy_path, reward_model=inputs.reward_model_path,
-                         max_new_tokens=cfg.max_new_tokens)
+                         max_new_tokens=cfg.max_new_tokens, reward_fn=cfg.reward_fn, reward_weights=cfg.reward_weights)
     return path

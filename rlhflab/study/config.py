@@ -51,7 +51,10 @@ class StudyConfig(TaskConfig):
     out: str = opt("runs/study", "study folder: runs/ARM/seed-S/, study.json, plots/, report.html, report.md")
     model: str | None = opt(None, "your SFT model (the start and the reference of every arm) instead of the task's")
     reward_model: str | None = opt(None, "your reward model (PPO/GRPO reward and the evaluation's RM score)")
-    reward_fn: str | None = opt(None, "FILE.py:NAME reward function for PPO/GRPO instead of a reward model")
+    reward_fn: str | None = opt(
+        None, "FILE.py:NAME reward function for PPO/GRPO instead of a reward model; without a task also the gold "
+              "reward of the evaluation (your model, data and verifier)")
+    reward_weights: list[float] | None = opt(None, "one per reward function (the reward is their weighted sum)")
     preference_data: str | None = opt(None, "TRL preference data for DPO arms")
     prompt_data: str | None = opt(None, "prompt-only data for PPO/GRPO arms")
     eval_prompts: str | None = opt(None, "prompt-only evaluation file (default: the task's 16 prompts)")

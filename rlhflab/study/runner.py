@@ -3,7 +3,9 @@
     OUT/study.yaml                 the resolved study config
     OUT/runs/ARM/seed-S/           a run folder (config.yaml, metrics.jsonl, diagnostics.jsonl, model/)
                        eval.json   the evaluation suite on the final model, sampled with eval_seed + S
-    OUT/study.json                 every number: intervals, paired differences, rankings, phase comparisons
+    OUT/study.json                 every number: intervals, paired differences, rankings, phase comparisons,
+                               and what the gold reward is ("gold": the task's, or without a task the
+                               study's reward function, applied to every arm's samples)
     OUT/report.html, report.md     the report, written by the CLI after the study (rlhflab report OUT rebuilds it)
 
 A run with model/ (for arms that train) whose config.yaml matches the arm's settings, and an eval.json
@@ -24,7 +26,7 @@ from rich.console import Console
 
 from rlhflab.config import build_config, field_names, save_config, to_dict
 from rlhflab.stages import Command, artefacts
-from rlhflab.stages.evaluate import EvalCommandConfig, evaluate_model
+from rlhflab.stages.evaluate import EvalCommandConfig, evaluate_model, gold_source
 from rlhflab.stages.train import final_metrics
 from rlhflab.study.config import (
     ARM_COMMANDS,
@@ -44,10 +46,18 @@ def run_dir(cfg: StudyConfig, arm: ArmConfig, seed: int) -> Path:
     return Path(cfg.out) / "runs" / arm.name / f"seed-{seed}"
 
 
+def gold_reward_fn(cfg: StudyConfig) -> str | None:
+    """The study's reward function(s) when they are the gold reward: without a task, whose gold comes first."""
+    return None if cfg.task else cfg.reward_fn
+
+
 def eval_settings(cfg: StudyConfig, seed: int) -> dict[str, Any]:
     """What makes an evaluation this study's: a change of any of these re-evaluates (but does not retrain)."""
-    return {"temperatures": cfg.temperatures, "samples_per_prompt": cfg.samples_per_prompt,
-            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.eval_seed + seed, "eval_prompts": cfg.eval_prompts}  # fmt: skip
+    settings = {"temperatures": cfg.temperatures, "samples_per_prompt": cfg.samples_per_prompt,
+                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.eval_seed + seed, "eval_prompts": cfg.eval_prompts}  # fmt: skip
+    if gold_reward_fn(cfg):  # (only then: a task's study keeps the settings its evaluations were made with)
+        settings["gold"] = {"reward_fn": cfg.reward_fn, "reward_weights": cfg.reward_weights}
+    return settings
 
 
 def is_evaluated(folder: Path, settings: dict[str, Any]) -> bool:
@@ -63,7 +73,8 @@ def training_config(cfg: StudyConfig, arm: ArmConfig, seed: int, resume: bool, c
     study_values = {
         "out": str(run_dir(cfg, arm, seed)), "seed": seed, "max_steps": arm_steps(arm, cfg, {arm.algorithm: command}),
         "task": cfg.task, "task_size": cfg.task_size, "cache_dir": cfg.cache_dir, "model": cfg.model, "data": data,
-        "reward_model": cfg.reward_model, "reward_fn": cfg.reward_fn, "threads": cfg.threads,
+        "reward_model": cfg.reward_model, "reward_fn": cfg.reward_fn, "reward_weights": cfg.reward_weights,
+        "threads": cfg.threads,
         "progress": cfg.progress, "checkpoint_every": cfg.checkpoint_every, "resume": "auto" if resume else None,
     }  # fmt: skip
     valid = field_names(command.config)
@@ -115,7 +126,7 @@ def evaluate_arm(cfg: StudyConfig, arm: ArmConfig, seed: int, train_seconds: flo
     evaluate_model(EvalCommandConfig(
         out=str(folder), task=cfg.task, task_size=cfg.task_size, cache_dir=cfg.cache_dir,
         model=str(folder / "model") if trained else cfg.model, reference=cfg.model, reward_model=cfg.reward_model,
-        data=cfg.eval_prompts, temperatures=cfg.temperatures, samples_per_prompt=cfg.samples_per_prompt,
+        reward_fn=gold_reward_fn(cfg), reward_weights=cfg.reward_weights, data=cfg.eval_prompts, temperatures=cfg.temperatures, samples_per_prompt=cfg.samples_per_prompt,
         max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed + seed, threads=cfg.threads, progress=cfg.progress,
     ))  # fmt: skip
     results = json.loads((folder / "eval.json").read_text())
@@ -157,7 +168,7 @@ def write_study_json(cfg: StudyConfig, arms: list[ArmConfig], wall_seconds: floa
             if path.is_file():
                 timings[f"{record['name']}/seed-{run['seed']}"] = json.loads(path.read_text()).get("study_eval", {})
     study = {"name": cfg.name, "kind": "study", "config": to_dict(cfg), "baseline": cfg.baseline or None,
-             "shared": shared or {}, "arms": records, "wall_seconds": round(wall_seconds, 1), "runs": timings,
+             "gold": gold_source(cfg.task, gold_reward_fn(cfg)), "shared": shared or {}, "arms": records, "wall_seconds": round(wall_seconds, 1), "runs": timings,
              **numbers}  # fmt: skip
     (out / "study.json").write_text(json.dumps(study, indent=1))
     return out / "study.json"

@@ -9,6 +9,10 @@
       - {algorithm: dpo, params: {beta: 0.1}, grid: {lr: [1e-5, 1e-4]}}   # two arms: dpo-lr1e-05, dpo-lr0.0001
       - {name: grpo-k8, algorithm: grpo, group: tuned, params: {group_size: 8}, max_samples: 2048}
 
+Your own model instead of a task: `task: null`, `model` (the SFT model every arm starts from), `prompt_data` /
+`preference_data`, `eval_prompts`, and `reward_fn` (FILE.py:NAME): the PPO/GRPO reward and the gold reward of
+the evaluation, applied to every arm's samples (arms are ranked by it).
+
 Unknown keys are errors (in the study and in each arm's `params`, checked against the algorithm's
 config class), like every other config of rlhflab.
 """

@@ -25,8 +25,8 @@ line), the loop's own phases `timing/plan` (plan_step, less the phases the recip
 `timing/sample`, `timing/score`, `timing/reference`, ...), `timing/update` (forward, backward and
 optimizer of every update), `timing/evaluate`, `timing/checkpoint` (written after the previous step),
 and `perf/tflops`, `perf/mfu` from the FLOPs the recipe counts. Every `timing/` and `perf/` key is
-wall-clock (`training.metrics.WALL_CLOCK_KEYS`). Under torchrun each process times itself; rank 0's
-numbers are the ones written.
+wall-clock (`training.metrics.is_wall_clock`). Under torchrun each process times its own steps and
+counts its own FLOPs; rank 0's numbers are the ones written (the others' are not gathered).
 
 With `precision: bf16`, plan_step (sampling, reference forwards), evaluate() and every loss forward run
 under bf16 autocast; backward, optimizer, weights and checkpoints stay fp32 (mixed precision).
@@ -257,7 +257,8 @@ def _step(run: _Run, group: TrainingGroup, step: int) -> dict[str, float]:
     if evaluates:
         run.evaluation = _evaluate(run)
         metrics |= run.evaluation
-    metrics |= run.timer.lap().metrics(run.peak_flops) if run.timer else {}
+    if run.timer is not None:  # set by _train_steps, which runs every step
+        metrics |= run.timer.lap().metrics(run.peak_flops)
     new_findings = [f for m in run.monitors for f in m.observe(step, metrics)]
     if step % cfg.log_every == 0 or step == cfg.max_steps - 1 or not applied or evaluates:
         run.writer.write(step, metrics, time.perf_counter() - run.started)

@@ -99,10 +99,10 @@ def chat_pairs(path: Path, model: Path, n: int, tokens: int = 100) -> None:
     from rlhflab.tasks.reviews import ReviewsTask, reviews_reward
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    docs = ReviewsTask().pretrain_corpus(30 * n, seed=0)
+    docs, shown = ReviewsTask().pretrain_corpus(30 * n, seed=0), ReviewsTask().pretrain_corpus(10 * n, seed=1)
     gold = reviews_reward([""] * len(docs), [" " + d for d in docs])
-    size = {d: len(tokenizer.encode(" " + d, add_special_tokens=False)) for d in docs}
-    pools = {"any": cycle(docs), "positive": cycle([d for d, g in zip(docs, gold, strict=True) if g > 0]),
+    size = {d: len(tokenizer.encode(" " + d, add_special_tokens=False)) for d in docs + shown}
+    pools = {"any": cycle(shown), "positive": cycle([d for d, g in zip(docs, gold, strict=True) if g > 0]),
              "negative": cycle([d for d, g in zip(docs, gold, strict=True) if g < 0])}  # fmt: skip
 
     def text(pool: str, budget: int) -> str:

@@ -271,6 +271,14 @@ def same_precision(name: str) -> str:
     return "rlhflab" + ("-bf16" if bf16 else "") + lora
 
 
+def shown(value: float, spec: str) -> str:
+    return "–" if math.isnan(value) else format(value, spec)  # a floor side has no command, a missing base no ratio
+
+
+def ratio(a: float, b: float) -> str:
+    return shown(a / b, ".2f")
+
+
 def table(results: dict[str, dict[str, float]], stats: dict[str, float], args: argparse.Namespace) -> str:
     """Ratios are rlhflab's over the side's, at the same precision (bf16: rlhflab-bf16 vs trl) and LoRA setting."""
     pairs = args.steps * args.batch_size
@@ -280,10 +288,10 @@ def table(results: dict[str, dict[str, float]], stats: dict[str, float], args: a
         nan = {"loop_cpu": math.nan, "wall": math.nan, "cpu": math.nan, "rss": math.nan}
         base = results.get(same_precision(name), nan)  # no rlhflab side of its kind in this run: no ratios
         pps = pairs / r["loop_cpu"]
-        ratio = lambda a, b: "–" if math.isnan(a / b) else f"{a / b:.2f}"  # noqa: E731
         lines.append(
             f"| {name} | {args.steps / r['loop_cpu']:.2f} | {pps:.1f} | {pps * stats['pair_tokens']:.0f} | "
-            f"{r['wall']:.1f} ({r['cpu']:.1f}) | {r['rss']:.0f} | {ratio(pairs / base['loop_cpu'], pps)} | "
+            f"{shown(r['wall'], '.1f')} ({shown(r['cpu'], '.1f')}) | {shown(r['rss'], '.0f')} | "
+            f"{ratio(pairs / base['loop_cpu'], pps)} | "
             f"{ratio(base['wall'], r['wall'])} ({ratio(base['cpu'], r['cpu'])}) | {ratio(base['rss'], r['rss'])} |"
         )
     return "\n".join(lines)

@@ -15,7 +15,9 @@ rlhflab (fp32) with `trl-fp32` (bf16=False), `rlhflab-bf16` (--precision bf16) w
 Real model (`--model FOLDER`, e.g. a converted SmolLM2-135M-Instruct): that folder instead of the random
 Llama, chat prompts (a user message asking for a long review, so completions run to the limit on both sides)
 and a cheap length reward on the completion's text; the issue's sizes are `--prompts 2 --new-tokens 64`.
-`--lora`: LoRA on both sides (rlhflab's `--lora-*` flags, peft's LoraConfig for TRL; LORA below).
+A `-lora` suffix on an rlhflab or TRL side adds LoRA (rlhflab's `--lora-*` options, peft's LoraConfig for TRL;
+LORA below; with --model the -lora sides run by default). `floor` / `floor-bf16`: the step's matmuls alone
+(`run_floor`); `sampler` / `sampler-bf16`: rlhflab's sampler against `model.generate` (`run_sampler`).
 
     pip install trl --no-deps   (plus its missing dependencies with --no-deps; torch stays as it is)
     .venv/bin/python benchmarks/grpo_vs_trl.py [--steps 12] [--warmup 2] [--repeats 3]

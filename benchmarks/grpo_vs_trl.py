@@ -123,7 +123,7 @@ def run_sampler(folder: Path, repeats: int = 3) -> dict:
     never = len(tokenizer) + 1  # an EOS the model never emits: both sides generate every token
 
     def ours() -> int:
-        s = sample(model, [ids], GROUP, NEW_TOKENS, 1.0, eos_token_id=never, pad_token_id=tokenizer.pad_token_id)
+        s = sample(model, [ids], GROUP, NEW_TOKENS, 1.0, stop_token_ids=[never], pad_token_id=tokenizer.pad_token_id)
         return int(s.response_mask.sum())
 
     def generate() -> int:

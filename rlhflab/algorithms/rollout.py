@@ -34,6 +34,7 @@ from rlhflab.core.packing import (
 from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TruncationCounter, tokenize_prompt
 from rlhflab.diagnostics.findings import Monitor
+from rlhflab.models.loading import decode_completion, stop_token_ids
 from rlhflab.models.scoring import reward_model_scores, token_scores
 from rlhflab.training.data_order import EpochSampler
 from rlhflab.training.loop import console, start_run, train
@@ -137,19 +138,20 @@ def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt
     whole rollout: the one a single process samples, up to float rounding of the logits.
     """
 
+    stops = stop_token_ids(tokenizer)  # EOS, the chat template's end of turn, generation_config's eos ids
+
     def sample_rows(mine: list[int]) -> list[tuple[list[int], bool]]:  # (completion, truncated) of each row
         samples = sample(
             policy, [prompt_ids[i] for i in mine], num_samples=group_size, max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=[seeds[i] for i in mine],
+            stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id, seeds=[seeds[i] for i in mine],
         )  # fmt: skip
         return list(zip(samples.completions(), samples.truncated.tolist(), strict=True))
 
     rows = shared_work(len(prompts), sample_rows)  # every process samples its block of prompts
     completions = [completion for completion, _ in rows]
     truncated = torch.tensor([cut for _, cut in rows], dtype=torch.bool)
-    eos = tokenizer.eos_token_id
-    texts = [tokenizer.decode([t for t in c if t != eos]) for c in completions]
+    texts = [decode_completion(tokenizer, c, stops) for c in completions]
     return Rollout(prompts, prompt_ids, completions, texts, truncated, group_size, columns or {})
 
 

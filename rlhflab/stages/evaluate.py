@@ -90,8 +90,11 @@ def evaluate_model(cfg: EvalCommandConfig) -> dict[str, Any]:
         raise InputError("give --task or --data (a prompt-only file)", field="data")
     if cfg.model is None and cached is None:
         raise InputError("give --model, or --task reviews|arithmetic", field="model")
-    policy = cfg.model or str(artefacts.sft_model(cached))
-    reference = cfg.reference or (str(artefacts.sft_model(cached)) if cached else None)
+    policy = artefacts.model_folder(cfg.model, cfg.cache_dir) if cfg.model else str(artefacts.sft_model(cached))
+    if cfg.reference:
+        reference = artefacts.model_folder(cfg.reference, cfg.cache_dir)
+    else:
+        reference = str(artefacts.sft_model(cached)) if cached else None
     reward_model = cfg.reward_model or (str(artefacts.reward_model(cached)) if cached else None)
     settings = suite.EvalConfig(temperatures=cfg.temperatures, samples_per_prompt=cfg.samples_per_prompt,
                                 seed=cfg.seed, max_new_tokens=cfg.max_new_tokens or completion_budget(task))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from rlhflab.algorithms.rewards import RewardFn, call_reward_fn, check_reward_weights, reward_names
-from rlhflab.config import RunConfig, opt
+from rlhflab.config import RunConfig, opt, size_opt
 from rlhflab.core.advantages import group_reward_std
 from rlhflab.core.packing import (
     PackedBatch,
@@ -52,8 +52,8 @@ class RolloutConfig(RunConfig):
     max_steps: int = 100
     batch_size: int = opt(8, "prompts per step; completions per step = batch_size × group_size", minimum=1)
     group_size: int = opt(8, "completions sampled per prompt (k)", minimum=1)
-    max_new_tokens: int | None = opt(None, "completion budget; default: the task's, else 32", minimum=1)
-    max_prompt_tokens: int = opt(64, "longer prompts keep their last tokens", minimum=1)
+    max_new_tokens: int | None = opt(None, "completion budget; default: the task's, else 256", minimum=1)
+    max_prompt_tokens: int | None = size_opt("max_prompt_tokens", "longer prompts keep their last tokens")
     temperature: float = opt(1.0, "sampling temperature (log-probs for the ratio use the same)", minimum=0.0)
     top_p: float = opt(1.0, "nucleus sampling mass", minimum=0.0, maximum=1.0)
     top_k: int = opt(0, "sample among the k likeliest tokens; 0: all", minimum=0)

@@ -1,7 +1,8 @@
 """Every command on a real pretrained chat model: SmolLM2-135M-Instruct (`--model smollm2-135m-instruct`).
 
 Slow (`-m slow`, `make test-real`) and skipped unless the `real` extra is installed (`make setup-real`). The model is
-converted once per session into a temporary cache (what `--model NAME` does on a user's first run), then each
+converted once per session into a temporary cache (`real_model_cache`, what `--model NAME` does on a user's
+first run), then each
 command runs a few steps on the chat data in tests/data/ with short budgets and one thread. Wall times on the
 2-core development machine are in docs/notes.md ("The real model in the tests").
 """
@@ -13,8 +14,8 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from conftest import needs_real_model
 from test_resume import SimulatedKill, assert_same_run, run_cli  # the in-process kill/resume machinery
 from transformers import AutoModelForCausalLM
 
@@ -25,7 +26,6 @@ from rlhflab.data.collate import (
     tokenize_prompt_completion,
 )
 from rlhflab.models.loading import decode_completion, load_tokenizer, stop_token_ids
-from rlhflab.models.pretrained import named_model_folder, package_available
 from rlhflab.training.hooks import installed
 from rlhflab.training.metrics import read_metrics
 
@@ -35,17 +35,14 @@ IM_END, NEWLINE = "<|im_end|>", "\n"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not package_available(NAME), reason="needs the real extra: make setup-real"),
+    needs_real_model(),
 ]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """A cache holding the converted model (converted here, once: the first `--model NAME` run does this)."""
-    root = tmp_path_factory.mktemp("real-cache")
-    torch.set_num_threads(1)
-    named_model_folder(NAME, root)
-    return root
+def cache(real_model_cache) -> Path:
+    """The cache with the converted model (tests/conftest.py); commands name the model and this --cache-dir."""
+    return real_model_cache
 
 
 @pytest.fixture(scope="module")

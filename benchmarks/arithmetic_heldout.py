@@ -41,7 +41,7 @@ def exact_match(model_path: str, prompts: list[str]) -> dict[float, np.ndarray]:
     result = {}
     for temperature, k in ((0.0, 1), (1.0, 4)):
         samples = sample(model, ids, num_samples=k, max_new_tokens=task.max_new_tokens, temperature=temperature,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
                          generator=torch.Generator().manual_seed(0))
         texts = [tokenizer.decode([t for t in c if t != tokenizer.eos_token_id]) for c in samples.completions()]
         rewards = task.gold_reward([p for p in prompts for _ in range(k)], texts)

@@ -168,7 +168,7 @@ def run_sampler(args: argparse.Namespace, repeats: int = 3) -> dict:
 
     def ours() -> int:
         with autocast:
-            s = sample(model, [ids], GROUP, new, 1.0, eos_token_id=never, pad_token_id=tokenizer.pad_token_id)
+            s = sample(model, [ids], GROUP, new, 1.0, stop_token_ids=[never], pad_token_id=tokenizer.pad_token_id)
         return int(s.response_mask.sum())
 
     def generate() -> int:

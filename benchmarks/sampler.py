@@ -75,7 +75,7 @@ def main() -> None:
             prompts.tolist(),
             num_samples=args.group,
             max_new_tokens=args.new_tokens,
-            eos_token_id=NEVER_EMITTED,
+            stop_token_ids=[NEVER_EMITTED],
             pad_token_id=PAD,
             generator=generator,
         )
@@ -93,7 +93,7 @@ def main() -> None:
                 top_k=0,
                 top_p=1.0,
                 temperature=1.0,
-                eos_token_id=NEVER_EMITTED,
+                stop_token_ids=[NEVER_EMITTED],
                 pad_token_id=PAD,
             )
         assert out.shape == (args.prompts * args.group, args.prompt_length + args.new_tokens)

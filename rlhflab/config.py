@@ -47,6 +47,23 @@ class TaskConfig:
     cache_dir: str | None = opt(None, "task artefact cache (default $RLHFLAB_CACHE, else ~/.cache/rlhflab)")
 
 
+# Token budgets a config leaves unset (None), by what the run trains: (a built-in task, or no --model named;
+# --model without --task: a pretrained chat model). Task prompts and answers are a few dozen tokens; a chat model's
+# sizes follow TRL's defaults (max_prompt_length 512; max_length 1024 = prompt + completion), and a packed row
+# holds one whole pair (prompt + chosen + rejected). Generation budgets: `stages.evaluate.completion_budget`.
+SIZES: dict[str, tuple[int, int]] = {
+    "max_prompt_tokens": (64, 512),
+    "max_completion_tokens": (64, 512),
+    "max_row_tokens": (256, 1536),
+}
+SIZE_HELP = " (default: {} with --task or no --model, {} on your --model)"
+
+
+def size_opt(name: str, help: str, minimum: int = 1) -> Any:
+    """A token budget left None in the config, then filled by `RunConfig.__post_init__` from SIZES."""
+    return opt(None, help + SIZE_HELP.format(*SIZES[name]), minimum=minimum)
+
+
 @dataclass
 class RunConfig(TaskConfig):
     """Fields shared by every training command (pretrain, sft, rm, dpo, ppo, grpo)."""
@@ -85,6 +102,14 @@ class RunConfig(TaskConfig):
     peak_tflops: float = opt(
         0.0, "the device's peak TFLOP/s, for perf/mfu; 0: known CUDA devices' bf16 peak, else no perf/mfu", minimum=0.0)
     progress: bool = opt(True, "rich progress bar")
+
+    def __post_init__(self) -> None:
+        """Fill the token budgets left None (SIZES): a pretrained model's sizes when --model names the model
+        and no built-in task is given, else the tiny tasks' (so API callers that name no model keep them)."""
+        own_model = self.model is not None and self.task is None
+        for name, (task_size, model_size) in SIZES.items():
+            if hasattr(self, name) and getattr(self, name) is None:
+                setattr(self, name, model_size if own_model else task_size)
 
 
 _short = reprlib.Repr()  # values quoted in messages stay short, whatever a YAML file holds

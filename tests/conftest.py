@@ -38,3 +38,23 @@ def inputs(tiny_artefacts, tmp_path_factory) -> dict[str, str]:
     pairs.write_text("".join(preference_pairs(a).read_text().splitlines(keepends=True)[:17]))
     return {"base": str(base_model(a)), "sft": str(sft_model(a)), "rm": str(reward_model(a)), "pairs": str(pairs),
             "cache": str(root / "cache")}
+
+
+def needs_real_model():
+    """Skip without the `real` extra, except under CI (CI=true), where the real-model checks must run."""
+    from rlhflab.models.pretrained import package_available
+
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    return pytest.mark.skipif(not package_available("smollm2-135m-instruct") and not in_ci,
+                              reason="needs the real extra: make setup-real")
+
+
+@pytest.fixture(scope="session")
+def real_model_cache(tmp_path_factory):
+    """A cache holding SmolLM2-135M-Instruct converted from the `real` extra (what a first `--model
+    smollm2-135m-instruct` does), shared by every test and xdist worker (converted once, under a file lock)."""
+    from rlhflab.models.pretrained import named_model_folder
+
+    cache = tmp_path_factory.getbasetemp().parent / "rlhflab-real-cache"
+    named_model_folder("smollm2-135m-instruct", cache)
+    return cache

@@ -31,7 +31,7 @@ def frequent_eos(model) -> int:
         PROMPTS,
         num_samples=3,
         max_new_tokens=12,
-        eos_token_id=-1,
+        stop_token_ids=[-1],
         pad_token_id=PAD,
         generator=torch.Generator().manual_seed(1),
     )
@@ -54,7 +54,7 @@ def test_logps_equal_full_forward(model, frequent_eos, temperature):
         num_samples=3,
         max_new_tokens=12,
         temperature=temperature,
-        eos_token_id=frequent_eos,
+        stop_token_ids=[frequent_eos],
         pad_token_id=PAD,
         generator=torch.Generator().manual_seed(0),
     )
@@ -83,7 +83,7 @@ def test_stops_at_eos_and_truncates(model, frequent_eos):
         PROMPTS,
         num_samples=3,
         max_new_tokens=max_new,
-        eos_token_id=frequent_eos,
+        stop_token_ids=[frequent_eos],
         pad_token_id=PAD,
         generator=torch.Generator().manual_seed(0),
     )
@@ -99,8 +99,27 @@ def test_stops_at_eos_and_truncates(model, frequent_eos):
             assert eos_positions == [length - 1]  # EOS included, and it is the first one
 
 
+def test_stops_at_the_first_of_several_stop_tokens(model, frequent_eos):
+    """A chat model ends at its template's end of turn or at EOS (or any generation_config eos id): each row
+    stops at the first of them, which is its last token, and the tokens before are those of a free run."""
+    kwargs = dict(num_samples=3, max_new_tokens=12, pad_token_id=PAD)
+    free = sample(model, PROMPTS, stop_token_ids=[-1], generator=torch.Generator().manual_seed(0), **kwargs)
+    counts = torch.bincount(free.completion_ids.flatten(), minlength=64)
+    counts[frequent_eos] = 0
+    other = int(counts.argmax())  # the commonest token after frequent_eos: the second stop token
+    both = sample(model, PROMPTS, stop_token_ids=[frequent_eos, other], generator=torch.Generator().manual_seed(0),
+                  **kwargs)
+    ends = []
+    for row, cut in zip(free.completions(), both.completions(), strict=True):
+        first = next((i for i, token in enumerate(row) if token in (frequent_eos, other)), None)
+        assert cut == (row if first is None else row[: first + 1])
+        ends.append(cut[-1] if first is not None else None)
+    assert {frequent_eos, other} <= set(ends)  # rows ended at each of the two stop tokens
+    assert both.truncated.tolist() == [end is None for end in ends]
+
+
 def test_all_rows_done_stops_early(model):
-    greedy = sample(model, [PROMPTS[0]], max_new_tokens=4, temperature=0, eos_token_id=-1, pad_token_id=PAD)
+    greedy = sample(model, [PROMPTS[0]], max_new_tokens=4, temperature=0, stop_token_ids=[-1], pad_token_id=PAD)
     first = int(greedy.completion_ids[0, 0])
     out = sample(
         model,
@@ -108,7 +127,7 @@ def test_all_rows_done_stops_early(model):
         num_samples=2,
         max_new_tokens=10,
         temperature=0,
-        eos_token_id=first,
+        stop_token_ids=[first],
         pad_token_id=PAD,
     )
     assert out.completion_ids.shape == (2, 1)
@@ -120,7 +139,7 @@ def test_all_rows_done_stops_early(model):
 def test_greedy_equals_generate(model, prompts):
     eos = 63
     out = sample(
-        model, prompts, num_samples=2, max_new_tokens=10, temperature=0, eos_token_id=eos, pad_token_id=PAD
+        model, prompts, num_samples=2, max_new_tokens=10, temperature=0, stop_token_ids=[eos], pad_token_id=PAD
     )
     completions = out.completions()
     assert completions[0::2] == completions[1::2]  # greedy: both samples of a prompt agree
@@ -140,14 +159,14 @@ def test_greedy_equals_generate(model, prompts):
 
 
 def test_top_k_one_equals_greedy(model):
-    greedy = sample(model, PROMPTS, max_new_tokens=8, temperature=0, eos_token_id=63, pad_token_id=PAD)
+    greedy = sample(model, PROMPTS, max_new_tokens=8, temperature=0, stop_token_ids=[63], pad_token_id=PAD)
     top1 = sample(
         model,
         PROMPTS,
         max_new_tokens=8,
         temperature=1.0,
         top_k=1,
-        eos_token_id=63,
+        stop_token_ids=[63],
         pad_token_id=PAD,
         generator=torch.Generator().manual_seed(3),
     )
@@ -162,7 +181,7 @@ def test_seeded_generator_is_deterministic(model):
             num_samples=4,
             max_new_tokens=8,
             top_p=0.9,
-            eos_token_id=63,
+            stop_token_ids=[63],
             pad_token_id=PAD,
             generator=torch.Generator().manual_seed(seed),
         )
@@ -175,7 +194,7 @@ def test_seeded_generator_is_deterministic(model):
 def test_seeds_make_each_prompts_samples_independent_of_the_batch(model, frequent_eos):
     """With one seed per prompt, sampling 4 prompts together gives what 4 calls of one prompt give (the
     property that lets a rollout batch be split over processes), and a prompt's seed alone moves its samples."""
-    kwargs = dict(num_samples=3, max_new_tokens=10, top_p=0.95, eos_token_id=frequent_eos, pad_token_id=PAD)
+    kwargs = dict(num_samples=3, max_new_tokens=10, top_p=0.95, stop_token_ids=[frequent_eos], pad_token_id=PAD)
     seeds = [101, 102, 103, 104]
     together = sample(model, PROMPTS, seeds=seeds, **kwargs)
     for i, prompt in enumerate(PROMPTS):
@@ -214,7 +233,7 @@ def test_first_token_frequencies_match_softmax(model):
         num_samples=n,
         max_new_tokens=1,
         temperature=temperature,
-        eos_token_id=63,
+        stop_token_ids=[63],
         pad_token_id=PAD,
         generator=torch.Generator().manual_seed(0),
     )
@@ -239,7 +258,7 @@ def test_top_k_and_top_p_restrict_support(model):
         max_new_tokens=1,
         temperature=0.5,
         top_k=3,
-        eos_token_id=63,
+        stop_token_ids=[63],
         pad_token_id=PAD,
         generator=torch.Generator().manual_seed(0),
     )
@@ -255,7 +274,7 @@ def test_top_k_and_top_p_restrict_support(model):
         max_new_tokens=1,
         temperature=0.5,
         top_p=0.6,
-        eos_token_id=63,
+        stop_token_ids=[63],
         pad_token_id=PAD,
         generator=torch.Generator().manual_seed(0),
     )
@@ -266,15 +285,15 @@ def test_top_k_and_top_p_restrict_support(model):
 
 def test_restores_training_mode():
     model = tiny_llama().train()
-    sample(model, [PROMPTS[0]], max_new_tokens=2, eos_token_id=63, pad_token_id=PAD)
+    sample(model, [PROMPTS[0]], max_new_tokens=2, stop_token_ids=[63], pad_token_id=PAD)
     assert model.training
 
 
 def test_rejects_bad_arguments(model):
     with pytest.raises(ValueError):
-        sample(model, [[]], eos_token_id=63, pad_token_id=PAD)
+        sample(model, [[]], stop_token_ids=[63], pad_token_id=PAD)
     with pytest.raises(ValueError):
-        sample(model, PROMPTS, top_p=0.0, eos_token_id=63, pad_token_id=PAD)
+        sample(model, PROMPTS, top_p=0.0, stop_token_ids=[63], pad_token_id=PAD)
 
 
 def test_pad_equal_to_eos(model, frequent_eos):
@@ -283,7 +302,7 @@ def test_pad_equal_to_eos(model, frequent_eos):
         PROMPTS,
         num_samples=2,
         max_new_tokens=12,
-        eos_token_id=frequent_eos,
+        stop_token_ids=[frequent_eos],
         pad_token_id=frequent_eos,
         generator=torch.Generator().manual_seed(0),
     )
@@ -299,7 +318,7 @@ def run_sample(model, *, generic: bool, monkeypatch, **kwargs):
     with monkeypatch.context() as patch:
         if generic:
             patch.setattr(sampling, "_has_llama_layout", lambda *args: False)
-        return sample(model, PROMPTS, eos_token_id=63, pad_token_id=PAD, **kwargs)
+        return sample(model, PROMPTS, stop_token_ids=[63], pad_token_id=PAD, **kwargs)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query attention
@@ -336,7 +355,7 @@ def test_other_architectures_fall_back_to_generic_path():
         num_samples=2,
         max_new_tokens=8,
         temperature=0.7,
-        eos_token_id=63,
+        stop_token_ids=[63],
         pad_token_id=PAD,
         generator=torch.Generator().manual_seed(0),
     )
@@ -373,7 +392,7 @@ def test_bf16_autocast_logps_match_the_trainer_forward(architecture):
     float32 KV cache; its log-probs agree with the trainer's packed forward to bf16 precision."""
     model = tiny_llama() if architecture == "llama" else tiny_qwen2()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = sample(model, PROMPTS, num_samples=3, max_new_tokens=12, eos_token_id=63, pad_token_id=PAD,
+        out = sample(model, PROMPTS, num_samples=3, max_new_tokens=12, stop_token_ids=[63], pad_token_id=PAD,
                      generator=torch.Generator().manual_seed(0))  # fmt: skip
         completions = out.completions()
         groups = [(PROMPTS[i], completions[3 * i : 3 * i + 3]) for i in range(len(PROMPTS))]

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from rlhflab.algorithms.reference_cache import ReferenceCache, pair_key, weights_fingerprint
-from rlhflab.config import RunConfig, opt
+from rlhflab.config import RunConfig, opt, size_opt
 from rlhflab.core.losses import dpo_loss, orpo_loss, simpo_loss
 from rlhflab.core.packing import PackedBatch, packed_forward
 from rlhflab.data.collate import Pair, pack_pairs, pair_groups
@@ -64,10 +64,10 @@ class DPOConfig(RunConfig):
     sft_weight: float = opt(0.0, "adds sft_weight × mean NLL per token of the chosen response (RPO; TRL's rpo_alpha)",
                             minimum=0.0)
     simpo_gamma: float = opt(0.5, "γ of loss_type simpo: the target margin (TRL's CPOConfig.simpo_gamma)")
-    max_prompt_tokens: int = opt(64, "longer prompts keep their last tokens", minimum=1)
-    max_completion_tokens: int = opt(64, "longer responses are cut (and have no EOS)", minimum=1)
-    max_row_tokens: int = opt(256, "packed row budget; attention is quadratic in it, so keep it a few pairs long",
-                              minimum=2)
+    max_prompt_tokens: int | None = size_opt("max_prompt_tokens", "longer prompts keep their last tokens")
+    max_completion_tokens: int | None = size_opt("max_completion_tokens", "longer responses are cut (and have no EOS)")
+    max_row_tokens: int | None = size_opt(
+        "max_row_tokens", "packed row budget; attention is quadratic in it, so keep it a few pairs long", minimum=2)
     live_reference: bool = opt(False, "keep the reference model and recompute its log-probs every step")
     share_reference_cache: bool = opt(True, "also read/write CACHE/reference-logps/ (shared by runs of one reference)")
     eval_fraction: float = opt(0.05, "held-out share of the pairs, for implicit-reward accuracy", minimum=0.0,

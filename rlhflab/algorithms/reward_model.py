@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from rlhflab.config import RunConfig, opt
+from rlhflab.config import RunConfig, opt, size_opt
 from rlhflab.core.losses import bradley_terry_loss
 from rlhflab.core.packing import PackedBatch, mask_for, to_padded
 from rlhflab.data.collate import Pair, pack_pairs, pair_groups
@@ -39,9 +39,10 @@ class RewardModelConfig(RunConfig):
     max_grad_norm: float = 0.0  # unclipped: the Bradley-Terry loss is bounded and clipping slowed it (docs/notes.md)
     pooling: Literal["mean", "last"] = opt(
         "mean", "score pooling over response tokens: mean (more accurate here, docs/notes.md) | last (transformers')")
-    max_prompt_tokens: int = opt(64, "longer prompts keep their last tokens", minimum=1)
-    max_completion_tokens: int = opt(64, "longer responses are cut (and have no EOS)", minimum=1)
-    max_row_tokens: int = opt(256, "packed row budget (attention is quadratic in it)", minimum=2)
+    max_prompt_tokens: int | None = size_opt("max_prompt_tokens", "longer prompts keep their last tokens")
+    max_completion_tokens: int | None = size_opt("max_completion_tokens", "longer responses are cut (and have no EOS)")
+    max_row_tokens: int | None = size_opt("max_row_tokens", "packed row budget (attention is quadratic in it)",
+                                          minimum=2)
     eval_fraction: float = opt(0.1, "held-out share of the pairs, for pairwise accuracy", minimum=0.0, maximum=1.0)
 
 

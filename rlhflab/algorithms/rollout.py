@@ -27,7 +27,7 @@ from rlhflab.algorithms.rewards import (
     check_reward_weights,
     reward_names,
 )
-from rlhflab.config import RunConfig, opt
+from rlhflab.config import RunConfig, opt, size_opt
 from rlhflab.core.advantages import group_reward_std
 from rlhflab.core.packing import (
     PackedBatch,
@@ -40,6 +40,7 @@ from rlhflab.core.packing import (
 from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TruncationCounter, tokenize_prompt
 from rlhflab.diagnostics.findings import Monitor
+from rlhflab.models.loading import decode_completion, stop_token_ids
 from rlhflab.models.scoring import reward_model_scores, token_scores
 from rlhflab.training import timing
 from rlhflab.training.data_order import EpochSampler
@@ -58,8 +59,8 @@ class RolloutConfig(RunConfig):
     max_steps: int = 100
     batch_size: int = opt(8, "prompts per step; completions per step = batch_size × group_size", minimum=1)
     group_size: int = opt(8, "completions sampled per prompt (k)", minimum=1)
-    max_new_tokens: int | None = opt(None, "completion budget; default: the task's, else 32", minimum=1)
-    max_prompt_tokens: int = opt(64, "longer prompts keep their last tokens", minimum=1)
+    max_new_tokens: int | None = opt(None, "completion budget; default: the task's, else 256", minimum=1)
+    max_prompt_tokens: int | None = size_opt("max_prompt_tokens", "longer prompts keep their last tokens")
     temperature: float = opt(1.0, "sampling temperature (log-probs for the ratio use the same)", minimum=0.0)
     top_p: float = opt(1.0, "nucleus sampling mass", minimum=0.0, maximum=1.0)
     top_k: int = opt(0, "sample among the k likeliest tokens; 0: all", minimum=0)
@@ -144,11 +145,13 @@ def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt
     whole rollout: the one a single process samples, up to float rounding of the logits.
     """
 
+    stops = stop_token_ids(tokenizer)  # EOS, the chat template's end of turn, generation_config's eos ids
+
     def sample_rows(mine: list[int]) -> list[tuple[list[int], bool]]:  # (completion, truncated) of each row
         samples = sample(
             policy, [prompt_ids[i] for i in mine], num_samples=group_size, max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=[seeds[i] for i in mine],
+            stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id, seeds=[seeds[i] for i in mine],
         )  # fmt: skip
         completions = samples.completions()
         # each prompt is prefilled once for its k rows, then one forward per sampled token
@@ -158,8 +161,7 @@ def generate(policy: torch.nn.Module, tokenizer: Any, prompts: list[Any], prompt
     rows = shared_work(len(prompts), sample_rows)  # every process samples its block of prompts
     completions = [completion for completion, _ in rows]
     truncated = torch.tensor([cut for _, cut in rows], dtype=torch.bool)
-    eos = tokenizer.eos_token_id
-    texts = [tokenizer.decode([t for t in c if t != eos]) for c in completions]
+    texts = [decode_completion(tokenizer, c, stops) for c in completions]
     return Rollout(prompts, prompt_ids, completions, texts, truncated, group_size, columns or {})
 
 

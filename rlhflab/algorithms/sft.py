@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rlhflab.config import RunConfig, opt
+from rlhflab.config import RunConfig, opt, size_opt
 from rlhflab.core.logprobs import token_logps
 from rlhflab.data.collate import TokenizedExample, collate_sequences, render_mask
 from rlhflab.diagnostics.checks import check_response_mask
@@ -28,8 +28,8 @@ class SFTConfig(RunConfig):
     lr: float = 1e-3
     max_steps: int = 150
     batch_size: int = 32
-    max_prompt_tokens: int = opt(64, "longer prompts keep their last tokens (counted in a warning)", minimum=1)
-    max_completion_tokens: int = opt(64, "longer completions are cut (and then have no EOS)", minimum=1)
+    max_prompt_tokens: int | None = size_opt("max_prompt_tokens", "longer prompts keep their last tokens (counted in a warning)")
+    max_completion_tokens: int | None = size_opt("max_completion_tokens", "longer completions are cut (and then have no EOS)")
     num_examples: int = opt(8000, "built-in tasks: how many SFT examples to generate", minimum=1)
 
 

@@ -8,8 +8,9 @@
 Row n of the output is sample n % k of prompt n // k (the k samples of a prompt are
 contiguous). Prompts of different lengths are left-padded; the padding is masked and the
 position ids count real tokens only, so every row sees the positions of its own unpadded
-sequence. A row stops at its first EOS: the EOS is part of the response (response_mask 1),
-everything after it is `pad_token_id` with response_mask 0 and logp 0.
+sequence. A row stops at its first stop token (any of `stop_token_ids`: the model's EOS, its chat
+template's end-of-turn token, ...): the stop token is part of the response (response_mask 1), as the
+collator ends a completion, and everything after it is `pad_token_id` with response_mask 0 and logp 0.
 
 Decoding: Llama-layout models (Llama, Mistral, Qwen2 without a binding sliding window) run a
 lean decode step with a static KV cache (`_StaticCacheLlama`); any other model runs its own
@@ -51,11 +52,11 @@ class Samples:
     prompt_index: torch.Tensor  # [N] long: which prompt each row continues
     completion_ids: torch.Tensor  # [N, T] long, pad after the end
     logps: torch.Tensor  # [N, T] float32 log-prob of each sampled token, 0 after the end
-    response_mask: torch.Tensor  # [N, T] long: 1 up to and including EOS, 0 after
-    truncated: torch.Tensor  # [N] bool: never emitted EOS within max_new_tokens
+    response_mask: torch.Tensor  # [N, T] long: 1 up to and including the stop token, 0 after
+    truncated: torch.Tensor  # [N] bool: never emitted a stop token within max_new_tokens
 
     def completions(self) -> list[list[int]]:
-        """Completions as lists of ids, EOS included where it was emitted, no padding."""
+        """Completions as lists of ids, the stop token included where one was emitted, no padding."""
         lengths = self.response_mask.sum(-1).tolist()
         return [row[:n] for row, n in zip(self.completion_ids.tolist(), lengths, strict=True)]
 
@@ -159,7 +160,7 @@ def sample(
     top_p: float = 1.0,
     top_k: int = 0,
     *,
-    eos_token_id: int,
+    stop_token_ids: Sequence[int],
     pad_token_id: int,
     generator: torch.Generator | None = None,
     seeds: Sequence[int] | None = None,
@@ -179,6 +180,8 @@ def sample(
         raise ValueError(f"bad sampling parameters: temperature={temperature}, top_p={top_p}, top_k={top_k}")
     if seeds is not None and generator is not None:
         raise ValueError("give seeds or a generator, not both")
+    if isinstance(stop_token_ids, int) or not len(stop_token_ids):
+        raise ValueError(f"stop_token_ids must be a non-empty sequence of ids, got {stop_token_ids!r}")
     uniforms = _uniforms(len(prompts), num_samples, max_new_tokens, generator, seeds)  # [N, max_new_tokens]
     uniforms = uniforms.to(next(model.parameters()).device)
     pick = partial(_next_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -188,7 +191,8 @@ def sample(
             step = _StaticCacheLlama(model, state, max_new_tokens)
         else:
             step = _generic_step(model, state, max_new_tokens)
-        return _decode(state, step, pick, uniforms, max_new_tokens, eos_token_id, pad_token_id)
+        stops = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=uniforms.device)  # [S]
+        return _decode(state, step, pick, uniforms, max_new_tokens, stops, pad_token_id)
 
 
 def _prefill(
@@ -406,10 +410,10 @@ def _decode(
     pick: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     uniforms: torch.Tensor,
     max_new_tokens: int,
-    eos_token_id: int,
+    stop_token_ids: torch.Tensor,
     pad_token_id: int,
 ) -> Samples:
-    """One token per step for all rows until every row has emitted EOS or the length limit."""
+    """One token per step for all rows until every row has emitted a stop token or the length limit."""
     logits = state.logits
     num_rows, device = logits.shape[0], logits.device
     completion_ids = torch.full((num_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -425,7 +429,7 @@ def _decode(
         completion_ids[:, t] = torch.where(active, tokens, pad_token_id)
         logps[:, t] = torch.where(active, token_logps, 0.0)
         response_mask[:, t] = active
-        done = done | (tokens == eos_token_id)
+        done = done | torch.isin(tokens, stop_token_ids)
         if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             steps = t + 1
             break

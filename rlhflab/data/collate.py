@@ -21,9 +21,12 @@ Rules:
   so there is exactly one BOS.
 - EOS: string completions get the tokenizer's EOS appended unless they already end with it.
   Conversational completions are the chat template's rendering of the whole conversation minus its
-  rendering of the prompt (with `add_generation_prompt=True`); when that text contains EOS, anything
-  after the last EOS (template whitespace such as a trailing newline) is dropped, since generation
-  stops at EOS; otherwise EOS is appended.
+  rendering of the prompt (with `add_generation_prompt=True`); they end at the template's own end
+  token, exactly as the template emits it: anything after the last end-of-turn token
+  (`template_end_token`, e.g. ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`) or EOS -- template
+  whitespace such as ChatML's trailing newline -- is dropped, since generation stops at that token
+  (`models.loading.stop_token_ids`); a template that writes no such token gets EOS appended.
+  Sampled and collated completions so end the same way, and the end token is part of the response.
 - Truncation: a prompt longer than `max_prompt_tokens` keeps its last tokens (left truncation), with
   its BOS kept in front and counted in the budget; a completion longer than `max_completion_tokens`
   is cut at the end and then has no EOS. Each example records whether it was truncated; a
@@ -33,6 +36,7 @@ Rules:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -130,6 +134,39 @@ def _prompt_ids(tokenizer: Any, text: str, max_tokens: int | None) -> tuple[list
     return ids[len(ids) - max_tokens :], True
 
 
+# The template probe's assistant turn; what the template writes after it is how it ends a turn.
+_PROBE = "rlhflab-end-of-turn-probe"
+_END_TOKENS: weakref.WeakKeyDictionary[Any, tuple[str, int | None]] = weakref.WeakKeyDictionary()
+
+
+def template_end_token(tokenizer: Any) -> int | None:
+    """The id of the special token with which the chat template ends an assistant turn, or None.
+
+    Found by rendering a probe conversation (user, assistant) and reading the first special token the
+    template writes after the assistant's text: `<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3, `</s>`
+    (EOS) for Mistral; None for a template that writes no special token there (plain "role: text" turns).
+    Cached per tokenizer and template.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not template:
+        return None
+    cached = _END_TOKENS.get(tokenizer)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that cannot render this conversation has no end token we can read
+        text = ""
+    tail = text[text.rfind(_PROBE) + len(_PROBE) :] if _PROBE in text else ""
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    special.discard(tokenizer.unk_token_id)  # text the vocabulary lacks (a newline in a tiny BPE) ends nothing
+    found = next((i for i in tokenizer.encode(tail, add_special_tokens=False) if i in special), None)
+    _END_TOKENS[tokenizer] = (template, found)
+    return found
+
+
 def _completion_ids(
     tokenizer: Any, text: str, conversational: bool, max_tokens: int | None
 ) -> tuple[list[int], bool]:
@@ -137,8 +174,10 @@ def _completion_ids(
     if eos is None:
         raise InputError("the tokenizer has no EOS token; completions need one to learn to stop")
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if conversational and eos in ids:
-        ids = ids[: len(ids) - ids[::-1].index(eos)]  # drop template whitespace after the last EOS
+    ends = {eos, template_end_token(tokenizer)} if conversational else set()
+    last_end = max((i for i, token in enumerate(ids) if token in ends), default=None)
+    if last_end is not None:
+        ids = ids[: last_end + 1]  # drop template whitespace after the turn's end token
     elif not ids or ids[-1] != eos:
         ids = [*ids, eos]
     if max_tokens is None or len(ids) <= max_tokens:

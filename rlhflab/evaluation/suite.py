@@ -30,6 +30,7 @@ from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TokenizedExample, collate_sequences, tokenize_prompt
 from rlhflab.errors import InputError
 from rlhflab.evaluation.stats import summarize
+from rlhflab.models.loading import decode_completion, stop_token_ids
 from rlhflab.models.scoring import RewardFn, reward_model_scores
 
 
@@ -80,15 +81,16 @@ def evaluate(
                          "the reference; use a temperature > 0 (e.g. 0.1)", field="temperatures")  # fmt: skip
     prompt_ids = [tokenize_prompt(tokenizer, p, None).prompt_ids for p in prompts]  # the collator's BOS rule
     num_prompts, n = len(prompts), cfg.samples_per_prompt
+    stops = stop_token_ids(tokenizer)
     results: dict[str, Any] = {"num_prompts": num_prompts, "samples_per_prompt": n, "temperatures": {}}
     for t_index, temperature in enumerate(cfg.temperatures):
         generator = torch.Generator().manual_seed(cfg.seed + 1000 * t_index)
         samples = sample(
             policy, prompt_ids, num_samples=n, max_new_tokens=cfg.max_new_tokens, temperature=temperature,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
+            stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id, generator=generator,
         )  # fmt: skip
         completions = samples.completions()  # grouped: the n samples of prompt i are rows i*n .. i*n+n-1
-        texts = [tokenizer.decode([t for t in c if t != tokenizer.eos_token_id]) for c in completions]
+        texts = [decode_completion(tokenizer, c, stops) for c in completions]
         row_prompts = [prompts[i // n] for i in range(len(completions))]
         rows = [TokenizedExample(prompt_ids[i // n], c) for i, c in enumerate(completions)]
         per_sample: dict[str, np.ndarray] = {

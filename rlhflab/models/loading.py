@@ -5,6 +5,8 @@ The embedded default is a tiny Llama built from a config. Weights load only from
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -12,12 +14,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from rlhflab.data.collate import template_end_token
 from rlhflab.errors import InputError
 
 # hidden, layers, heads, MLP width. tiny ≈ 1M parameters (tests); small ≈ 3M (the demo).
@@ -67,6 +71,43 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad == eos: masks never count padding, see data.collate
     return tokenizer
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token at which generation ends (sorted): the tokenizer's EOS, the chat template's end-of-turn token
+    (`data.collate.template_end_token`, the token the collator ends conversational completions with) and each id
+    of the model folder's `generation_config.eos_token_id` (an int or a list, e.g. Llama 3's [eot, eos])."""
+    stops = {tokenizer.eos_token_id, template_end_token(tokenizer)}
+    stops.update(_generation_eos_ids(str(getattr(tokenizer, "name_or_path", "") or "")))
+    return sorted(i for i in stops if i is not None)
+
+
+def decode_completion(tokenizer: PreTrainedTokenizerBase, ids: list[int], stops: list[int]) -> str:
+    """A sampled completion's text, without the stop token that ended it (the sampler stops at the first)."""
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids)
+
+
+def _generation_eos_ids(source: str) -> list[int]:
+    """`eos_token_id` of the generation config beside the tokenizer (a local folder's file, else the hub's)."""
+    if not source:
+        return []
+    local = Path(source)
+    if local.is_dir():
+        file = local / "generation_config.json"
+        ids = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    elif local.exists():
+        return []
+    else:
+        ids = _hub_generation_eos(source)
+    return [ids] if isinstance(ids, int) else list(ids or [])
+
+
+@lru_cache(maxsize=16)
+def _hub_generation_eos(hub_id: str) -> int | list[int] | None:
+    try:
+        return GenerationConfig.from_pretrained(hub_id).eos_token_id
+    except (OSError, ValueError):  # no generation config there (or offline): the other stop tokens remain
+        return None
 
 
 def load_causal_lm(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -28,7 +28,14 @@ from rlhflab.algorithms.sft import SFTConfig, run_sft
 from rlhflab.core.sampling import sample
 from rlhflab.data.collate import tokenize_preference, tokenize_prompt, tokenize_sft
 from rlhflab.data.loading import from_records, load_preferences
-from rlhflab.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
+from rlhflab.models.loading import (
+    decode_completion,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    stop_token_ids,
+)
+from rlhflab.models.pretrained import resolve_model
 from rlhflab.tasks import get_task
 
 
@@ -36,6 +43,12 @@ def cache_root(cache_dir: str | None = None) -> Path:
     """Where task artefacts and shared reference log-probs live: --cache-dir, else $RLHFLAB_CACHE, else
     ~/.cache/rlhflab. The one place that decides it."""
     return Path(cache_dir or os.environ.get("RLHFLAB_CACHE") or Path.home() / ".cache" / "rlhflab")
+
+
+def model_folder(name_or_path: str, cache_dir: str | None = None) -> str:
+    """What `--model` (or `--reference`) names: a registered real model (e.g. smollm2-135m-instruct) becomes its
+    converted folder in the cache (models.pretrained); a local folder or a hub id stays as given."""
+    return resolve_model(name_or_path, cache_root(cache_dir))
 
 
 def reference_logps_dir(cache_dir: str | None = None) -> Path:
@@ -154,13 +167,14 @@ def sample_preference_pairs(policy_path: Path, task_name: str, prompts: list[str
     tokenizer = load_tokenizer(str(policy_path))
     model = load_causal_lm(str(policy_path))
     generator = torch.Generator().manual_seed(seed)
+    stops = stop_token_ids(tokenizer)
     pairs = []
     for start in range(0, len(prompts), 128):
         chunk = prompts[start : start + 128]
         ids = [tokenize_prompt(tokenizer, p, None).prompt_ids for p in chunk]
         samples = sample(model, ids, num_samples=2, max_new_tokens=max_new_tokens, temperature=temperature,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator)
-        texts = [tokenizer.decode([t for t in c if t != tokenizer.eos_token_id]) for c in samples.completions()]
+                         stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id, generator=generator)
+        texts = [decode_completion(tokenizer, c, stops) for c in samples.completions()]
         rewards = task.gold_reward([p for p in chunk for _ in range(2)], texts)
         for i, prompt in enumerate(chunk):
             (a_text, b_text), (a_reward, b_reward) = texts[2 * i : 2 * i + 2], rewards[2 * i : 2 * i + 2]

@@ -48,7 +48,7 @@ class EvalCommandConfig(TaskConfig):
     data: str | None = opt(None, "prompt-only file instead of the task's evaluation prompts")
     temperatures: list[float] = opt([0.3, 0.7, 1.0], "sampling temperatures", minimum=0.0)
     samples_per_prompt: int = opt(8, "samples per prompt and temperature", minimum=1)
-    max_new_tokens: int | None = opt(None, "completion budget (default: the task's, else 32)", minimum=1)
+    max_new_tokens: int | None = opt(None, "completion budget (default: the task's, else 256)", minimum=1)
     seed: int = opt(1234, "sampling seed: the same for every model, so comparisons are paired", minimum=0)
     threads: int = opt(0, "torch threads; 0: all cores", minimum=0)
     trust_remote_code: bool = opt(False, "allow custom model code from a model folder / hub id")
@@ -106,9 +106,14 @@ def write_eval(out: Path, results: dict[str, Any]) -> Path:
     return out / "eval.json"
 
 
+# Generated tokens when a command sets none and runs no built-in task: a chat model's answer (TRL's GRPO default
+# max_completion_length); a task's answers are a few tokens (Task.max_new_tokens).
+CHAT_COMPLETION_BUDGET = 256
+
+
 def completion_budget(task: Task | None) -> int:
-    """Completion tokens when a command does not set them: the task's budget, else 32."""
-    return task.max_new_tokens if task else 32
+    """Completion tokens when a command does not set them: the task's budget, else CHAT_COMPLETION_BUDGET."""
+    return task.max_new_tokens if task else CHAT_COMPLETION_BUDGET
 
 
 def evaluate_model(cfg: EvalCommandConfig) -> dict[str, Any]:
@@ -124,8 +129,11 @@ def evaluate_model(cfg: EvalCommandConfig) -> dict[str, Any]:
     gold = gold_reward(task, cfg.reward_fn, cfg.reward_weights, prompts, columns)  # a bad spec fails before sampling
     if cfg.model is None and cached is None:
         raise InputError("give --model, or --task reviews|arithmetic", field="model")
-    policy = cfg.model or str(artefacts.sft_model(cached))
-    reference = cfg.reference or (str(artefacts.sft_model(cached)) if cached else None)
+    policy = artefacts.model_folder(cfg.model, cfg.cache_dir) if cfg.model else str(artefacts.sft_model(cached))
+    if cfg.reference:
+        reference = artefacts.model_folder(cfg.reference, cfg.cache_dir)
+    else:
+        reference = str(artefacts.sft_model(cached)) if cached else None
     reward_model = cfg.reward_model or (str(artefacts.reward_model(cached)) if cached else None)
     settings = suite.EvalConfig(temperatures=cfg.temperatures, samples_per_prompt=cfg.samples_per_prompt,
                                 seed=cfg.seed, max_new_tokens=cfg.max_new_tokens or completion_budget(task))

@@ -39,8 +39,11 @@ def task_artefacts(cfg: Any) -> artefacts.TaskArtefacts:
 
 
 def resolve_model(cfg: RunConfig, build_default) -> str:
-    """--model if given, else the task's artefact built by `build_default(task artefacts)`."""
-    return cfg.model or str(build_default(task_artefacts(cfg)))
+    """--model if given (a registered name resolves to its converted folder), else the task's artefact built by
+    `build_default(task artefacts)`."""
+    if cfg.model:
+        return artefacts.model_folder(cfg.model, cfg.cache_dir)
+    return str(build_default(task_artefacts(cfg)))
 
 
 def _tokenize_all(tokenize, tokenizer: Any, examples: list, cfg: Any) -> list:

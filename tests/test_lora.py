@@ -110,6 +110,12 @@ def test_dpo_with_lora_starts_at_ln2_and_trains_only_the_adapters(tmp_path):
     assert not (folder / "model.safetensors").exists()
 
 
+def test_gradient_checkpointing_through_the_loop_with_lora(tmp_path):
+    plain = golden_dpo(tmp_path / "plain", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    checkpointed = golden_dpo(tmp_path / "gc", lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=True)
+    assert [m["loss"] for m in plain.metrics] == [m["loss"] for m in checkpointed.metrics]
+
+
 def test_dpo_with_lora_live_reference_is_the_cached_one(tmp_path):
     """A live reference (recomputed every step, as the policy trains) gives the run of a cached one only when it
     is computed with the adapters off; with them on it would equal the policy (loss ln 2 at every step)."""

@@ -214,3 +214,19 @@ def test_lora_resume_is_bit_exact(inputs, tmp_path):
     assert checkpoint and all(".lora_" in name for name in checkpoint)
     assert json.loads((straight / "model" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(
         Path(inputs["sft"]).resolve())
+
+
+def test_checkpoint_holds_only_the_adapters_and_refuses_other_lora_settings(tmp_path):
+    from rlhflab.errors import InputError
+    from rlhflab.training.checkpoint import load_checkpoint, save_checkpoint
+
+    model, _ = adapted()
+    path = save_checkpoint(tmp_path, 1, model, {"step": 1})
+    saved = load_file(path / "model.safetensors")
+    assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
+    restored = add_lora(tiny_llama(), 4, 8, 0.0)  # fresh adapters: B = 0
+    load_checkpoint(path, restored)
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), model.state_dict().values(),
+                                                 strict=True))
+    with pytest.raises(InputError, match="trainable parameters"):
+        load_checkpoint(path, add_lora(tiny_llama(), 4, 8, 0.0, ["q_proj"]))

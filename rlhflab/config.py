@@ -98,6 +98,15 @@ class RunConfig(TaskConfig):
         "fp32", "bf16: autocast in forwards and sampling (TRL's bf16=True); weights stay fp32")
     gradient_checkpointing: bool = opt(
         False, "recompute decoder-layer activations in the backward: less memory, about one more forward")
+    lora_r: int = opt(0, "LoRA rank (peft); 0: full fine-tuning. With LoRA the reference is the same weights with "
+                         "the adapters off, and model/ holds the adapter", minimum=0)
+    lora_alpha: int = opt(32, "LoRA α: the update is scaled by α / r (TRL's default 32)", minimum=1)
+    lora_dropout: float = opt(0.05, "dropout on the LoRA branch's input (TRL's default 0.05)", minimum=0.0, maximum=1.0)
+    lora_target_modules: list[str] = opt(
+        [], "module names to adapt; empty: every linear projection of the decoder (q/k/v/o, gate/up/down), "
+            "else peft's all-linear (never the LM head)")
+    merge_lora: bool = opt(False, "with LoRA, also write OUT/model_merged: base + adapter merged, a plain "
+                                  "transformers folder")
     trust_remote_code: bool = opt(False, "allow custom model code from a model folder / hub id")
     peak_tflops: float = opt(
         0.0, "the device's peak TFLOP/s, for perf/mfu; 0: known CUDA devices' bf16 peak, else no perf/mfu", minimum=0.0)

@@ -15,7 +15,8 @@ positions restart after it: core/packing.py) and there is no padding except at r
 are balanced), so a pair costs |x| + |y_c| + |y_r| − 2 tokens (each response's last token is only
 a target) where a padded two-row batch costs 2 · max(|x| + |y|). The LM head runs only on the
 positions that predict a response token.
-The reference model is freed as soon as every pair the run will visit is cached. The reference-free
+The reference model is freed as soon as every pair the run will visit is cached. With LoRA (`--lora-r`) the
+reference is the policy itself with its adapters off (models/lora.py): no second copy. The reference-free
 losses (`simpo`, `orpo`: core/losses.py) use no reference at all. Held-out metrics are the recipe's
 `evaluate()`, which the loop calls every `eval_every` steps and after the last.
 """
@@ -42,6 +43,7 @@ from rlhflab.diagnostics.dpo import (
     StartCheckMonitor,
 )
 from rlhflab.diagnostics.findings import Monitor
+from rlhflab.models.lora import adapters_disabled, has_adapters, lora_from_config
 from rlhflab.training import timing
 from rlhflab.training.checks import stop_on_mask_mismatch
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
@@ -127,6 +129,8 @@ class DPORecipe:
 
     # ── reference log-probs ──────────────────────────────────────────────────────────────
     def _reference_model(self) -> torch.nn.Module:
+        if has_adapters(self.model):  # LoRA: the policy, run inside adapters_disabled
+            return self.model
         if self.reference is None:
             if self._load_reference is None:
                 raise RuntimeError("the reference model was freed but a pair is not cached")
@@ -148,7 +152,8 @@ class DPORecipe:
         with timing.phase("reference"):  # loading the reference, the first time, included
             reference = self._reference_model()
             timing.count_flops(reference, packed.num_tokens)
-            chosen, rejected = pair_logps(reference, packed)
+            with adapters_disabled(reference):
+                chosen, rejected = pair_logps(reference, packed)
         if self.cfg.live_reference:
             return chosen, rejected
         self.cache.put(keys, chosen, rejected)
@@ -292,10 +297,12 @@ def run_dpo(cfg: DPOConfig, model: torch.nn.Module, tokenizer: Any, pairs: list[
     """Train `model` (which must equal the reference at the start) on `pairs`; save it; returns OUT/model.
 
     `load_reference()` returns a fresh copy of the reference (the SFT model); it is called only if some
-    pair is not cached yet (never for a reference-free loss). `shared_reference_cache`: a folder of
+    pair is not cached yet (never for a reference-free loss, nor with LoRA: the reference is then `model`
+    with its adapters off). `shared_reference_cache`: a folder of
     reference log-probs shared by runs (the stage's CACHE/reference-logps), used with share_reference_cache.
     """
     out = start_run(cfg)
+    model = lora_from_config(model, cfg)  # after the run's seeding: the adapters' initialisation is the seed's
     train_pairs, eval_pairs = split_heldout(pairs, cfg.eval_fraction)
     recipe = DPORecipe(model, train_pairs, cfg, tokenizer.pad_token_id, load_reference, eval_pairs,
                        reference_cache_dirs(cfg, out, shared_reference_cache))

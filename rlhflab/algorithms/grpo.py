@@ -15,6 +15,7 @@ One step = one rollout batch:
          mask: the completion tokens, less cut-off completions (mask_truncated_completions) and groups whose
          rewards all tie (drop_zero_std_groups), if asked for
 
+With LoRA (`--lora-r`) the reference is the policy with its adapters off (models/lora.py), not a second model.
 With num_iterations = 1 every rollout batch is used once, so π_old = π: the old log-probs are the
 current forward's own values, detached (ρ = 1 exactly, the gradient is that of A · log π), and no
 extra forward is spent on them. Log-probs are taken at the sampling temperature (as TRL does).
@@ -53,6 +54,7 @@ from rlhflab.core.advantages import group_advantages, group_reward_std, rloo_adv
 from rlhflab.core.kl import kl_k3
 from rlhflab.core.policy_loss import aggregate, clipped_surrogate, masked_mean, sequence_level_logps
 from rlhflab.diagnostics.rl import grpo_monitors
+from rlhflab.models.lora import adapters_disabled, lora_from_config
 from rlhflab.training import timing
 from rlhflab.training.checks import stop_on_mask_mismatch
 from rlhflab.training.loop import StepPlan, save_final_model
@@ -144,7 +146,7 @@ class GRPORecipe:
             with timing.phase("old_logps", self.model, packed.num_tokens):
                 old_logps = policy_logps(self.model, packed, self.cfg.temperature)[0]
         if with_forwards and self.cfg.beta > 0:
-            with timing.phase("reference", self.reference, packed.num_tokens):
+            with timing.phase("reference", self.reference, packed.num_tokens), adapters_disabled(self.reference):
                 ref_logps = policy_logps(self.reference, packed, self.cfg.temperature)[0]
         in_loss = in_loss[rows]  # [n]
         lengths = packed.completion_lengths * in_loss
@@ -186,8 +188,12 @@ def run_grpo(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer: Any, prompts: 
              prompt_columns: dict[str, list[Any]] | None = None) -> Path:
     """Train `policy` with GRPO into `cfg.out`; returns the saved model folder.
 
-    `prompt_columns`: the prompt data's other fields ({name: one value per prompt}), for the reward function."""
-    out = start_rollout_run(cfg, reward_model, reference)
+    `prompt_columns`: the prompt data's other fields ({name: one value per prompt}), for the reward function.
+    With LoRA (cfg.lora_r > 0) the reference is `policy` with its adapters off; `reference` is not used (pass None)."""
+    out = start_rollout_run(cfg, reward_model, None if cfg.lora_r else reference)
+    policy = lora_from_config(policy, cfg)  # after the run's seeding: the adapters' initialisation is the seed's
+    if cfg.lora_r:
+        reference = policy if cfg.beta > 0 else None
     recipe = GRPORecipe(policy, tokenizer, prompts, cfg, reward_fn=reward_fn, reward_model=reward_model,
                         reference=reference, gold_fn=gold_fn, prompt_columns=prompt_columns)
     train_rollout(cfg, recipe, grpo_monitors(has_gold=gold_fn is not None))

@@ -13,7 +13,10 @@ One step = one rollout batch:
       ─► adaptive KL controller (optional):  β ← β (1 + clip(KL/target − 1, ±0.2) · B·k / horizon)
 
 The policy and the value model are trained together (one optimizer over both, as the loop's `model`);
-the reference and the reward model are frozen. Minibatches are fixed per rollout batch and visited in a
+the reference and the reward model are frozen. With LoRA (`--lora-r`) both the policy and the value model get
+adapters (the value model's `score` head trains whole, as OpenRLHF's critic with --lora_rank does): a fully
+trained value model would keep a full optimizer state, the memory LoRA is there to save; the reference is the
+policy with its adapters off (models/lora.py), not a second model. Minibatches are fixed per rollout batch and visited in a
 new order every epoch, so the first update sees exactly the rows its old log-probs were computed on
 (ratio 1 to the bit).
 """
@@ -52,6 +55,7 @@ from rlhflab.core.kl import get_kl_estimator
 from rlhflab.core.packing import completion_mask
 from rlhflab.core.policy_loss import aggregate, clipped_surrogate, clipped_value, masked_mean
 from rlhflab.diagnostics.rl import ppo_monitors
+from rlhflab.models.lora import adapters_disabled, lora_from_config, save_model
 from rlhflab.training import timing
 from rlhflab.training.checks import stop_on_mask_mismatch
 from rlhflab.training.data_order import chunks
@@ -158,7 +162,8 @@ class PPORecipe:
         if with_forwards:
             with timing.phase("old_logps", self.policy, packed.num_tokens):
                 mb["old_logps"] = policy_logps(self.policy, packed, self.cfg.temperature)[0]
-            with timing.phase("reference", self.reference, packed.num_tokens):
+            # LoRA: the reference is the policy, adapters off
+            with timing.phase("reference", self.reference, packed.num_tokens), adapters_disabled(self.reference):
                 mb["ref_logps"] = policy_logps(self.reference, packed, self.cfg.temperature)[0]
             with timing.phase("values", self.value_model, packed.num_tokens):
                 mb["old_values"] = packed_values(self.value_model, packed)
@@ -226,16 +231,21 @@ class PPORecipe:
         self.kl_ctl.value = float(state["kl_coef"])
 
 
-def run_ppo(cfg: PPOConfig, policy: torch.nn.Module, value_model: torch.nn.Module, reference: torch.nn.Module,
+def run_ppo(cfg: PPOConfig, policy: torch.nn.Module, value_model: torch.nn.Module, reference: torch.nn.Module | None,
             tokenizer: Any, prompts: list[Any], *, reward_fn: RewardFn | Sequence[RewardFn] | None = None,
             reward_model: torch.nn.Module | None = None, gold_fn: RewardFn | None = None,
             prompt_columns: dict[str, list[Any]] | None = None) -> Path:
     """Train `policy` (and `value_model`) with PPO into `cfg.out`; returns the saved policy folder.
 
-    `prompt_columns`: the prompt data's other fields ({name: one value per prompt}), for the reward function."""
-    out = start_rollout_run(cfg, reward_model, reference)
+    `prompt_columns`: the prompt data's other fields ({name: one value per prompt}), for the reward function.
+    With LoRA (cfg.lora_r > 0) the reference is `policy` with its adapters off; `reference` is not used (pass None)."""
+    out = start_rollout_run(cfg, reward_model, None if cfg.lora_r else reference)
+    policy = lora_from_config(policy, cfg)  # after the run's seeding: the adapters' initialisation is the seed's
+    value_model = lora_from_config(value_model, cfg, scalar_head=True)
+    if cfg.lora_r:
+        reference = policy
     recipe = PPORecipe(policy, value_model, reference, tokenizer, prompts, cfg, reward_fn=reward_fn,
                        reward_model=reward_model, gold_fn=gold_fn, prompt_columns=prompt_columns)
     train_rollout(cfg, recipe, ppo_monitors(has_gold=gold_fn is not None))
-    value_model.save_pretrained(out / "value_model", safe_serialization=True)
+    save_model(value_model, out / "value_model")
     return save_final_model(policy, tokenizer, out)

@@ -18,6 +18,7 @@ import torch
 from rlhflab.algorithms.sft import SFTConfig, run_sft
 from rlhflab.config import opt
 from rlhflab.data.collate import tokenize_prompt_completion
+from rlhflab.errors import InputError
 from rlhflab.models.loading import build_model
 from rlhflab.models.tokenizer import train_tokenizer
 
@@ -36,6 +37,9 @@ class PretrainConfig(SFTConfig):
 
 def run_pretrain(cfg: PretrainConfig, documents: list[str]) -> Path:
     """Train a tokenizer and a fresh model on `documents`; returns the saved model folder."""
+    if cfg.lora_r:  # adapters on random weights would train a rank-r model on noise
+        raise InputError("pretraining trains a fresh model whole: --lora-r applies to sft, rm, dpo, ppo and grpo",
+                         field="lora_r")
     torch.manual_seed(cfg.seed)
     tokenizer = train_tokenizer(documents, cfg.vocab_size)
     model = build_model(cfg.preset, tokenizer, max_positions=256)

@@ -27,11 +27,16 @@ from typing import Any
 
 import torch
 
+from rlhflab.models.lora import base_state_dict
+
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the model's state dict (name, dtype, shape, raw bytes), first 16 hex digits."""
+    """sha256 over the model's state dict (name, dtype, shape, raw bytes), first 16 hex digits.
+
+    A LoRA policy's reference is its base (adapters off): the fingerprint is the base's, that of the plain model,
+    so LoRA and full fine-tuning runs from one SFT model share the cached reference log-probs."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(base_state_dict(model).items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")

@@ -23,6 +23,7 @@ from rlhflab.config import RunConfig, opt, size_opt
 from rlhflab.core.losses import bradley_terry_loss
 from rlhflab.core.packing import PackedBatch, mask_for, to_padded
 from rlhflab.data.collate import Pair, pack_pairs, pair_groups
+from rlhflab.models.lora import lora_from_config
 from rlhflab.models.scoring import pool_scores, score_pooling, token_scores
 from rlhflab.training import timing
 from rlhflab.training.checks import stop_on_mask_mismatch
@@ -127,6 +128,8 @@ def run_reward_model(cfg: RewardModelConfig, model: torch.nn.Module, tokenizer: 
         generator = torch.Generator().manual_seed(cfg.seed)
         with torch.no_grad():
             model.score.weight.normal_(0.0, model.score.weight.shape[-1] ** -0.5, generator=generator)
+    # LoRA after the head is drawn: the adapter folder saves the trained head whole (peft's modules_to_save)
+    model = lora_from_config(model, cfg, scalar_head=True)
     n_eval = max(1, int(len(pairs) * cfg.eval_fraction)) if len(pairs) > 1 else 0
     recipe = RewardModelRecipe(model, pairs[n_eval:], cfg, tokenizer.pad_token_id, pairs[:n_eval])
     train(cfg, recipe)

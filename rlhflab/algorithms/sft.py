@@ -18,6 +18,7 @@ from rlhflab.config import RunConfig, opt, size_opt
 from rlhflab.core.logprobs import token_logps
 from rlhflab.data.collate import TokenizedExample, collate_sequences, render_mask
 from rlhflab.diagnostics.checks import check_response_mask
+from rlhflab.models.lora import lora_from_config
 from rlhflab.training import timing
 from rlhflab.training.data_order import EpochSampler, split_micro_batches
 from rlhflab.training.loop import StepPlan, TrainingStopped, emit_finding, save_final_model, start_run, train
@@ -87,6 +88,7 @@ class SFTRecipe:
 def run_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer: Any, examples: list[TokenizedExample]):
     """Train `model` on tokenized examples into `cfg.out`; returns the saved model folder."""
     out = start_run(cfg)
+    model = lora_from_config(model, cfg)  # after the run's seeding: the adapters' initialisation is the seed's
     recipe = SFTRecipe(model, examples, cfg, tokenizer.pad_token_id, tokenizer)
     train(cfg, recipe)
     return save_final_model(model, tokenizer, out)

@@ -14,7 +14,8 @@ collator ends a completion, and everything after it is `pad_token_id` with respo
 
 Decoding: Llama-layout models (Llama, Mistral, Qwen2 without a binding sliding window) run a
 lean decode step with a static KV cache (`_StaticCacheLlama`); any other model runs its own
-forward with a `DynamicCache`. Both give the same tokens and log-probs (tested).
+forward with a `DynamicCache`. Both give the same tokens and log-probs (tested). A model with peft
+LoRA adapters keeps the lean path: each call folds W + (α/r)·B A into the sampler's own weights.
 
 Randomness: each row's token at step t is drawn by inverse CDF from one uniform number u[n, t],
 drawn before decoding starts. With `seeds` (one per prompt) the k rows of prompt i take their
@@ -279,12 +280,42 @@ def _has_llama_layout(model: torch.nn.Module, total_len: int) -> bool:
         linears += (mlp.down_proj,)
         if set(dict(attn.named_children())) != {"q_proj", "k_proj", "v_proj", "o_proj"}:
             return False  # e.g. Qwen3's q_norm / k_norm
-        if any(type(m) is not torch.nn.Linear for m in linears):
+        if not all(type(m) is torch.nn.Linear or _is_plain_lora(m) for m in linears):
             return False
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if not all(hasattr(norm, "variance_epsilon") for norm in norms):
             return False
     return True
+
+
+def _is_plain_lora(module: torch.nn.Module) -> bool:
+    """A peft LoRA Linear whose output is exactly base(x) + Σ_a delta_a x over its active adapters (no DoRA, no
+    LoRA bias, no other variant, not merged in place): what `_linear_weight` folds into one weight."""
+    if not hasattr(module, "get_delta_weight") or type(getattr(module, "base_layer", None)) is not torch.nn.Linear:
+        return False
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if type(module) is not LoraLinear or module.merged:
+        return False
+    active = [] if module.disable_adapters else module.active_adapters
+    return all(not module.use_dora.get(a, False) and module.lora_B[a].bias is None
+               and not getattr(module, "lora_variant", {}).get(a) for a in active)
+
+
+def _linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of an nn.Linear, or of a LoRA Linear with its adapters folded in: W + (α/r)·B A.
+
+    LoRA: peft's own `get_delta_weight` (what its merge adds), into a new tensor of the sampler's, so the
+    model's weights are never changed in place (merging and unmerging would drift them by rounding). The
+    adapted forward computes W x + (α/r)·B(A x): the two differ by float rounding only (tested)."""
+    if type(module) is torch.nn.Linear:
+        return module.weight, module.bias
+    base = module.base_layer
+    weight = base.weight
+    if not module.disable_adapters:
+        for adapter in module.active_adapters:
+            weight = weight + module.get_delta_weight(adapter)
+    return weight, base.bias
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -293,15 +324,16 @@ def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     return norm.weight * normed.to(x.dtype)
 
 
-def _fused_linear(*linears: torch.nn.Linear, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fused_linear(*linears: torch.nn.Module, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of `linears` stacked along the output dimension, in `dtype` (None: as stored).
 
     One matmul then computes all their outputs side by side ([N, sum of outs]).
     """
-    weight = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight
+    weights, biases = zip(*(_linear_weight(m) for m in linears), strict=True)  # LoRA: adapters folded in
+    weight = torch.cat(weights) if len(linears) > 1 else weights[0]
     bias = None
-    if any(m.bias is not None for m in linears):
-        bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
+    if any(b is not None for b in biases):
+        bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases, strict=True)])
     if dtype is not None:
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     return weight, bias

@@ -23,6 +23,7 @@ from transformers import (
 
 from rlhflab.data.collate import template_end_token
 from rlhflab.errors import InputError
+from rlhflab.models import lora
 
 # hidden, layers, heads, MLP width. tiny ≈ 1M parameters (tests); small ≈ 3M (the demo).
 PRESETS: dict[str, dict[str, int]] = {
@@ -111,7 +112,11 @@ def _hub_generation_eos(hub_id: str) -> int | list[int] | None:
 
 
 def load_causal_lm(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM from a save_pretrained folder or hub id; from a LoRA adapter folder (adapter_config.json):
+    its base with the adapter merged (`models.lora.load_adapter_folder`)."""
     _check_source(path)
+    if lora.is_adapter_folder(path):
+        return _load_adapter(path, lambda base: load_causal_lm(base, trust_remote_code, dtype))
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
@@ -127,6 +132,8 @@ def load_scalar_model(path: str, trust_remote_code: bool = False, dtype: torch.d
     a fresh value model predicts 0 everywhere (reward-model training draws its own head, seeded).
     """
     _check_source(path)
+    if lora.is_adapter_folder(path):  # the base's head is replaced by the adapter folder's trained `score`
+        return _load_adapter(path, lambda base: load_scalar_model(base, trust_remote_code, dtype))
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
@@ -138,6 +145,13 @@ def load_scalar_model(path: str, trust_remote_code: bool = False, dtype: torch.d
     if not _is_scalar_folder(path):
         torch.nn.init.zeros_(model.score.weight)
     return model
+
+
+def _load_adapter(path: str, load_base) -> PreTrainedModel:
+    try:
+        return lora.load_adapter_folder(path, load_base)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot load a LoRA adapter folder: {exc}", file=path) from None
 
 
 def _is_scalar_folder(path: str) -> bool:

@@ -55,6 +55,22 @@ def _tokenize_all(tokenize, tokenizer: Any, examples: list, cfg: Any) -> list:
     return out
 
 
+def write_merged(cfg: RunConfig, adapter: Path, load: Any = load_causal_lm) -> Path | None:
+    """With --merge-lora, OUT/model_merged: the adapter folder's base with the adapter merged in, a plain
+    transformers folder (safetensors) with the tokenizer; `load` reads the adapter folder merged."""
+    if not cfg.merge_lora:
+        return None
+    if not cfg.lora_r:
+        console.print("[yellow]warning:[/] --merge-lora does nothing without --lora-r: model/ is the whole model")
+        return None
+    target = Path(cfg.out) / "model_merged"
+    merged = load(str(adapter), cfg.trust_remote_code)
+    merged.save_pretrained(target, safe_serialization=True)
+    load_tokenizer(str(adapter), cfg.trust_remote_code).save_pretrained(target)
+    console.print(f"merged model: {target}")
+    return target
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     if cfg.data:
         documents = [ex.completion for ex in load_sft(cfg.data) if ex.format == "language_modeling"]
@@ -79,6 +95,7 @@ def sft(cfg: SFTConfig) -> Path:
     with data_parallel():  # under torchrun; prerequisites above were built by one process
         path = run_sft(cfg, load_causal_lm(model_path, cfg.trust_remote_code), tokenizer, examples)
     console.print(f"SFT model: {path}")
+    write_merged(cfg, path)
     evaluate_final_model(cfg, path, reference=model_path)
     return path
 
@@ -103,6 +120,7 @@ def train_reward_model(cfg: RewardModelConfig) -> Path:
         path = run_reward_model(cfg, load_scalar_model(model_path, cfg.trust_remote_code), tokenizer, pairs)
     accuracy = final_metrics(path.parent).get("eval/accuracy")
     console.print(f"reward model: {path}" + (f" (held-out pairwise accuracy {accuracy:.3f})" if isinstance(accuracy, float) else ""))
+    write_merged(cfg, path, load_scalar_model)
     return path
 
 
@@ -110,7 +128,7 @@ def dpo(cfg: DPOConfig) -> Path:
     """DPO from the SFT model (--model, else the task's) on --data, else the task's cached preference pairs."""
     model_path, tokenizer, pairs = _preference_inputs(cfg)
 
-    def load_reference() -> Any:  # the reference is the starting policy, loaded only while needed
+    def load_reference() -> Any:  # the reference is the starting policy, loaded only while needed (never with LoRA)
         return load_causal_lm(model_path, cfg.trust_remote_code)
 
     shared = artefacts.reference_logps_dir(cfg.cache_dir) if cfg.share_reference_cache else None
@@ -120,6 +138,7 @@ def dpo(cfg: DPOConfig) -> Path:
     if isinstance(accuracy, float):
         console.print(f"held-out implicit-reward accuracy {accuracy:.3f}")
     console.print(f"DPO policy: {path}")
+    write_merged(cfg, path)
     evaluate_final_model(cfg, path, reference=model_path)
     return path
 
@@ -171,12 +190,15 @@ def _rl_inputs(cfg: PPOConfig | GRPOConfig) -> tuple[Any, RLInputs]:
 def grpo(cfg: GRPOConfig) -> Path:
     cfg, inputs = _rl_inputs(cfg)
     policy = load_causal_lm(inputs.policy_path, cfg.trust_remote_code)
-    reference = load_causal_lm(inputs.policy_path, cfg.trust_remote_code) if cfg.beta > 0 else None
+    # with LoRA the reference is the policy with its adapters off: no second copy
+    needs_reference = cfg.beta > 0 and not cfg.lora_r
+    reference = load_causal_lm(inputs.policy_path, cfg.trust_remote_code) if needs_reference else None
     with data_parallel():  # under torchrun: each process samples its share of every step's prompts
         path = run_grpo(cfg, policy, inputs.tokenizer, inputs.prompts, reward_fn=inputs.reward_fn,
                         reward_model=inputs.reward_model(), reference=reference,
                         gold_fn=inputs.task.gold_reward if inputs.task else None, prompt_columns=inputs.columns)
     console.print(f"GRPO policy: {path}")
+    write_merged(cfg, path)
     evaluate_final_model(cfg, path, reference=inputs.policy_path, reward_model=inputs.reward_model_path,
                          max_new_tokens=cfg.max_new_tokens, reward_fn=cfg.reward_fn, reward_weights=cfg.reward_weights)
     return path
@@ -186,12 +208,15 @@ def ppo(cfg: PPOConfig) -> Path:
     cfg, inputs = _rl_inputs(cfg)
     use_rm = cfg.value_init == "reward_model" and inputs.reward_model_path
     value_from = inputs.reward_model_path if use_rm else inputs.policy_path
+    # with LoRA the reference is the policy with its adapters off: no second copy
+    reference = None if cfg.lora_r else load_causal_lm(inputs.policy_path, cfg.trust_remote_code)
     with data_parallel():  # under torchrun: each process samples its share of every step's prompts
         path = run_ppo(cfg, load_causal_lm(inputs.policy_path, cfg.trust_remote_code), load_scalar_model(value_from),
-                       load_causal_lm(inputs.policy_path, cfg.trust_remote_code), inputs.tokenizer, inputs.prompts,
+                       reference, inputs.tokenizer, inputs.prompts,
                        reward_fn=inputs.reward_fn, reward_model=inputs.reward_model(),
                        gold_fn=inputs.task.gold_reward if inputs.task else None, prompt_columns=inputs.columns)
     console.print(f"PPO policy: {path}")
+    write_merged(cfg, path)
     evaluate_final_model(cfg, path, reference=inputs.policy_path, reward_model=inputs.reward_model_path,
                          max_new_tokens=cfg.max_new_tokens, reward_fn=cfg.reward_fn, reward_weights=cfg.reward_weights)
     return path

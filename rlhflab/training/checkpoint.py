@@ -1,7 +1,9 @@
 """Atomic, verifiable checkpoints.
 
 Layout: `OUT/checkpoints/step-000120/` with
-  model.safetensors   the trained module's weights (safetensors: loading cannot run code)
+  model.safetensors   the trained module's weights (safetensors: loading cannot run code); when some
+                      parameters are frozen (LoRA) only the trainable ones: the frozen base is reloaded
+                      from --model on resume, as it was at the start
   trainer_state.pt    optimizer, scheduler, RNG states, data position, recipe and monitor state;
                       loaded with `torch.load(weights_only=True)`, which refuses arbitrary pickles
   manifest.json       size and sha256 of each file, written last
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from rlhflab.errors import InputError
 from rlhflab.training import hooks
@@ -65,7 +67,7 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, state: dict[st
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_model(model, str(tmp / MODEL_FILE))
+        _save_weights(model, tmp / MODEL_FILE)
         torch.save(state, tmp / STATE_FILE)
         hooks.current().in_checkpoint(step)  # tests inject a kill or a full disk here
         manifest = {"step": step, "files": {}}
@@ -84,6 +86,38 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, state: dict[st
     for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def trainable_names(model: torch.nn.Module) -> list[str] | None:
+    """Names of the parameters that train, or None when all of them do (the whole model is checkpointed)."""
+    named = list(model.named_parameters())
+    trainable = [name for name, p in named if p.requires_grad]
+    return None if len(trainable) == len(named) else trainable
+
+
+def _save_weights(model: torch.nn.Module, file: Path) -> None:
+    names = trainable_names(model)
+    if names is None:
+        save_model(model, str(file))
+        return
+    parameters = dict(model.named_parameters())
+    save_file({name: parameters[name].detach().contiguous() for name in names}, str(file))
+
+
+def _load_weights(model: torch.nn.Module, file: Path) -> None:
+    """The weights of `_save_weights`: the whole model, or exactly its trainable parameters."""
+    names = trainable_names(model)
+    if names is None:
+        load_model(model, str(file))
+        return
+    saved = load_file(str(file))
+    if set(saved) != set(names):
+        raise InputError("the checkpoint's weights are not this model's trainable parameters (another --model, "
+                         "or other --lora-* settings?)", file=str(file))
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            parameters[name].copy_(tensor)
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -127,7 +161,7 @@ def find_resume_checkpoint(out: Path, resume: str, warn: Any = print) -> Path | 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     """Load weights into `model` and return the trainer state. Refuses anything but plain tensors and containers."""
-    load_model(model, str(path / MODEL_FILE))
+    _load_weights(model, path / MODEL_FILE)
     try:
         return torch.load(path / STATE_FILE, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as exc:

@@ -50,6 +50,7 @@ from transformers import get_scheduler
 from rlhflab.config import RunConfig
 from rlhflab.diagnostics.findings import Finding, FindingsLog, Monitor, NonFiniteMonitor
 from rlhflab.errors import InputError
+from rlhflab.models.lora import save_model
 from rlhflab.training import distributed, hooks, random_state, timing
 from rlhflab.training.activations import enable_gradient_checkpointing
 from rlhflab.training.checkpoint import (
@@ -482,8 +483,8 @@ def start_run(cfg: RunConfig) -> Path:
 
 
 def save_final_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> Path:
-    """The run's model as a transformers save_pretrained folder (safetensors) under OUT/model."""
-    target = Path(out) / "model"
-    model.save_pretrained(target, safe_serialization=True)
+    """The run's model as a transformers save_pretrained folder (safetensors) under OUT/model; with LoRA the
+    adapter folder (models/lora.py)."""
+    target = save_model(model, Path(out) / "model")
     tokenizer.save_pretrained(target)
     return target

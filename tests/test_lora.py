@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from fault_launcher import Faults
-from helpers import TIMING_KEYS, golden_dpo, golden_grpo, golden_ppo, tiny_llama, tiny_lm, tiny_tokenizer
+from helpers import golden_dpo, golden_grpo, golden_ppo, tiny_llama, tiny_lm, tiny_tokenizer, without_timing
 from safetensors.torch import load_file
 
 from rlhflab.algorithms.reference_cache import weights_fingerprint
@@ -64,13 +64,13 @@ def test_sampler_keeps_its_fast_path_and_samples_the_adapted_policy():
     model, _ = adapted()
     assert _has_llama_layout(model, 32)  # peft's lora.Linear used to send it to the generic path
     prompts = [[1, 2, 3], [4, 5]]
-    samples = sample(model, prompts, num_samples=3, max_new_tokens=8, eos_token_id=0, pad_token_id=0, seeds=[1, 2])
+    samples = sample(model, prompts, num_samples=3, max_new_tokens=8, stop_token_ids=[0], pad_token_id=0, seeds=[1, 2])
     groups = [(p, samples.completions()[i * 3 : i * 3 + 3]) for i, p in enumerate(prompts)]
     with torch.no_grad():
         forward = packed_forward(model, pack_groups(groups, max_row_tokens=64)).token_logps  # the PEFT forward
     sampled = samples.logps[samples.response_mask.bool()]
     torch.testing.assert_close(sampled, forward, atol=2e-5, rtol=0)
-    greedy = sample(model, prompts, num_samples=1, max_new_tokens=8, temperature=0.0, eos_token_id=0, pad_token_id=0)
+    greedy = sample(model, prompts, num_samples=1, max_new_tokens=8, temperature=0.0, stop_token_ids=[0], pad_token_id=0)
     for prompt, completion in zip(prompts, greedy.completions(), strict=True):  # greedy = argmax of the PEFT forward
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
@@ -121,8 +121,7 @@ def test_dpo_with_lora_live_reference_is_the_cached_one(tmp_path):
     is computed with the adapters off; with them on it would equal the policy (loss ln 2 at every step)."""
     cached = golden_dpo(tmp_path / "cached", lora_r=4, lora_alpha=8, lora_dropout=0.0)
     live = golden_dpo(tmp_path / "live", lora_r=4, lora_alpha=8, lora_dropout=0.0, live_reference=True)
-    strip = [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in cached.metrics]
-    assert strip == [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in live.metrics]
+    assert without_timing(cached.metrics) == without_timing(live.metrics)
 
 
 def test_grpo_and_ppo_with_lora_take_their_kl_to_the_base(tmp_path):
@@ -205,8 +204,7 @@ def test_lora_resume_is_bit_exact(inputs, tmp_path):
         CliRunner().invoke(app, lora_dpo(inputs, resumed))
     result = CliRunner().invoke(app, lora_dpo(inputs, resumed, "--resume", "auto"))
     assert result.exit_code == 0 and "resuming from" in result.output, result.output
-    lines = [[{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_metrics(out)]
-             for out in (straight, resumed)]
+    lines = [without_timing(read_metrics(out)) for out in (straight, resumed)]
     assert lines[0] == lines[1] and len(lines[0]) == 6
     a, b = (load_file(out / "model" / ADAPTER_WEIGHTS) for out in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import FullLogitsForward, tiny_llama
 
 from rlhflab.core import logprobs
 from rlhflab.core.causal_lm import padded_response_logps
@@ -167,24 +167,13 @@ def padded_rows(side: str):
     return batch["input_ids"], batch["attention_mask"], batch["response_mask"], batch["position_ids"]
 
 
-class FullForward(torch.nn.Module):
-    """`model` behind a class name outside HEAD_ONLY_WHERE_NEEDED: the full-logits path."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.config = model, model.config
-
-    def forward(self, **inputs):
-        return self.inner(**inputs)
-
-
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 4096])
 def test_padded_rows_equal_the_full_logits_and_each_pair_alone(side, chunk_size):
     model = tiny_llama("eager")
     input_ids, attention_mask, response_mask, position_ids = padded_rows(side)
     results = []
-    for runner in (model, FullForward(model)):
+    for runner in (model, FullLogitsForward(model)):
         model.zero_grad()
         got = padded_response_logps(runner, input_ids, attention_mask, response_mask, 0.7, position_ids,
                                     with_argmax=True, chunk_size=chunk_size)  # fmt: skip

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_causal_lm, tiny_llama
+from helpers import FullLogitsForward, tiny_causal_lm, tiny_llama
 
 from rlhflab.core.causal_lm import HEAD_ONLY_WHERE_NEEDED
 from rlhflab.core.packing import check_attention_implementation, pack_groups, packed_forward, to_padded
@@ -195,17 +195,6 @@ def test_padding_and_rows():
     assert packed.num_naive_tokens == 3 * 11
 
 
-class FullForward(torch.nn.Module):
-    """`model` behind a class name outside HEAD_ONLY_WHERE_NEEDED: packed_forward takes its full-logits path."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.inner, self.config = model, model.config
-
-    def forward(self, **inputs):
-        return self.inner(**inputs)
-
-
 @pytest.mark.parametrize("architecture", ["Llama", "Mistral", "Qwen2", "Qwen3"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 4096])  # one token a chunk, chunks not dividing N_tok, one chunk
 def test_head_only_where_needed_equals_full_logits(architecture, chunk_size):
@@ -217,7 +206,7 @@ def test_head_only_where_needed_equals_full_logits(architecture, chunk_size):
     assert packed.target_ids.numel() % 7 != 0
     weights = torch.linspace(-1.0, 1.0, packed.target_ids.numel())  # a loss that weighs tokens differently
     results = []
-    for runner in (model, FullForward(model)):
+    for runner in (model, FullLogitsForward(model)):
         model.zero_grad()
         out = packed_forward(runner, packed, temperature=0.7, with_entropy=True, chunk_size=chunk_size)
         ((weights * out.token_logps).sum() + out.token_entropy.sum()).backward()

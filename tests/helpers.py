@@ -67,6 +67,18 @@ def tiny_llama(attn_implementation: str = "sdpa", seed: int = 0, **config) -> Ll
                                             **config})
 
 
+class FullLogitsForward(torch.nn.Module):
+    """`model` behind a class name outside `core.causal_lm.HEAD_ONLY_WHERE_NEEDED`: log-prob functions take their
+    full-logits path on it (the reference for the chunked LM head); same parameters, same forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.inner(**inputs)
+
+
 def tiny_lm_config(tokenizer, **overrides) -> LlamaConfig:
     """For models that go with a tokenizer: 2 layers, width 32, 2 heads, tied embeddings, the tokenizer's
     vocabulary and special ids; `overrides` change any field."""

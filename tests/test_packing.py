@@ -5,8 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_causal_lm, tiny_llama
+from helpers import FullLogitsForward, tiny_causal_lm, tiny_llama
 
+from rlhflab.core.causal_lm import HEAD_ONLY_WHERE_NEEDED
 from rlhflab.core.packing import check_attention_implementation, pack_groups, packed_forward, to_padded
 
 EOS = 2
@@ -195,23 +196,32 @@ def test_padding_and_rows():
 
 
 @pytest.mark.parametrize("architecture", ["Llama", "Mistral", "Qwen2", "Qwen3"])
-def test_head_only_where_needed_equals_full_logits(architecture):
-    """The LM head applied to gathered hidden states == the full forward's logits at those positions."""
-    from rlhflab.core.packing import HEAD_ONLY_WHERE_NEEDED, _gathered_logits
-
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])  # one token a chunk, chunks not dividing N_tok, one chunk
+def test_head_only_where_needed_equals_full_logits(architecture, chunk_size):
+    """Backbone + chunked LM head on the gathered positions == the full forward's logits at those positions:
+    log-probs, entropy and every parameter's gradient, at a temperature."""
     model = tiny_causal_lm(architecture)
     assert type(model).__name__ in HEAD_ONLY_WHERE_NEEDED
     packed = pack_groups(GROUPS, max_row_tokens=20)
-    with torch.no_grad():
-        fast = _gathered_logits(model, packed, packed.attention_mask)
-        full = model(
-            input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids
-        ).logits.flatten(0, 1)[packed.logit_index]
-    torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-6)
+    assert packed.target_ids.numel() % 7 != 0
+    weights = torch.linspace(-1.0, 1.0, packed.target_ids.numel())  # a loss that weighs tokens differently
+    results = []
+    for runner in (model, FullLogitsForward(model)):
+        model.zero_grad()
+        out = packed_forward(runner, packed, temperature=0.7, with_entropy=True, chunk_size=chunk_size)
+        ((weights * out.token_logps).sum() + out.token_entropy.sum()).backward()
+        results.append((out, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (fast, fast_grads), (full, full_grads) = results
+    torch.testing.assert_close(fast.token_logps, full.token_logps, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast.token_entropy, full.token_entropy, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast.sequence_logps, full.sequence_logps, atol=1e-5, rtol=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-5)  # gradients of size ~1-10
+    assert full_grads["lm_head.weight"].abs().sum() > 0
     with torch.no_grad():  # and against separate unpadded forwards
-        out = packed_forward(model, packed)
-        expected = torch.stack([t.sum() for t in separate_token_logps(model, GROUPS)])
-    torch.testing.assert_close(out.sequence_logps, expected, atol=1e-5, rtol=1e-5)
+        expected = torch.stack([t.sum() for t in separate_token_logps(model, GROUPS, temperature=0.7)])
+        torch.testing.assert_close(packed_forward(model, packed, temperature=0.7, chunk_size=chunk_size).sequence_logps,
+                                   expected, atol=1e-5, rtol=1e-5)
 
 
 class ShiftModel(torch.nn.Module):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from rlhflab.config import RunConfig, opt, size_opt
-from rlhflab.core.logprobs import token_logps
+from rlhflab.core.causal_lm import padded_response_logps
 from rlhflab.data.collate import TokenizedExample, collate_sequences, render_mask
 from rlhflab.diagnostics.checks import check_response_mask
 from rlhflab.models.lora import lora_from_config
@@ -69,13 +69,11 @@ class SFTRecipe:
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         timing.count_flops(self.model, int(batch["attention_mask"].sum()), backward=True)  # real tokens, not padding
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-        logps = token_logps(logits, batch["input_ids"])  # [B, T-1]
-        mask = batch["response_mask"][:, 1:].bool()  # shifts with the labels
-        nll = -torch.where(mask, logps, torch.zeros_like(logps)).sum()
-        with torch.no_grad():
-            correct = (logits[:, :-1].argmax(-1) == batch["input_ids"][:, 1:]) & mask
-            accuracy = correct.sum().item() / max(int(mask.sum()), 1)
+        # The LM head runs only on response positions, in chunks: no [B, T, V] logits (core/causal_lm.py).
+        scored = padded_response_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                                       with_argmax=True)  # [B, T-1] each, label frame  # fmt: skip
+        nll = -scored.token_logps.sum()
+        accuracy = scored.target_is_argmax.sum().item() / max(int(scored.mask.sum()), 1)
         return nll, {"mean_token_accuracy": accuracy}
 
     def state_dict(self) -> dict[str, Any]:

@@ -55,6 +55,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from rlhflab.core.causal_lm import backbone_and_head
+from rlhflab.core.logprobs import HEAD_CHUNK_TOKENS, chunked_head_logps
+
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 # Rows are padded to a multiple of this many tokens. The matmul shapes (rows × row length) then
@@ -311,57 +314,43 @@ def check_attention_implementation(model: torch.nn.Module) -> str:
     return impl
 
 
-# Causal LMs whose forward is exactly `lm_head(model(...).last_hidden_state)` (no logit scaling or
-# soft-capping); for them the head runs only on the positions that predict a completion token.
-HEAD_ONLY_WHERE_NEEDED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-
-
-def _gathered_logits(model: torch.nn.Module, packed: PackedBatch, mask: torch.Tensor) -> torch.Tensor:
-    """Logits at `packed.logit_index`: [N_tok, V].
-
-    A full forward builds [R, L, V] logits, most of them at prompt, padding and last-token
-    positions that predict nothing; for the architectures above the backbone's hidden states are
-    gathered first ([N_tok, H]) and only those go through the LM head (same matmul per row, so
-    the same numbers). Any other model takes the full forward.
-    """
-    inputs = {"input_ids": packed.input_ids, "attention_mask": mask, "position_ids": packed.position_ids}
-    if type(model).__name__ in HEAD_ONLY_WHERE_NEEDED:
-        hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
-        return model.lm_head(hidden.flatten(0, 1)[packed.logit_index])  # [N_tok, V]
-    logits = model(**inputs, use_cache=False).logits  # [R, L, V]
-    return logits.flatten(0, 1)[packed.logit_index]  # [N_tok, V]
-
-
 def packed_forward(
     model: torch.nn.Module,
     packed: PackedBatch,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    chunk_size: int = HEAD_CHUNK_TOKENS,
 ) -> PackedLogps:
     """Run `model` once over the packed rows and gather every completion token's log-prob.
 
     log p(token) = logit[token] / T - logsumexp(logits / T), computed only on the gathered
     positions (never a log_softmax over all R*L positions). Differentiable; the caller picks
     train/eval mode and grad mode. Entropy (nats, at temperature T) is returned when asked.
+
+    For the architectures of `core.causal_lm.HEAD_ONLY_WHERE_NEEDED` the backbone's hidden states
+    are gathered at the predicting positions ([N_tok, H]) and the LM head runs on them in chunks of
+    `chunk_size` tokens (`chunked_head_logps`: no [N_tok, V] tensor is kept for the backward). Any
+    other model takes its full forward ([R, L, V] logits) and the same formulas on the gathered rows.
     """
     check_attention_implementation(model)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = _gathered_logits(model, packed, mask_for(model, packed)).float()  # [N_tok, V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)  # [N_tok]
-    token_logps = logits.gather(-1, packed.target_ids[:, None]).squeeze(-1) - log_norm
-    entropy = None
-    if with_entropy:
-        probs = torch.softmax(logits, dim=-1)
-        entropy = log_norm - (probs * logits).sum(-1)  # H = logsumexp(z) - sum p z
+    inputs = {"input_ids": packed.input_ids, "attention_mask": mask_for(model, packed),
+              "position_ids": packed.position_ids, "use_cache": False}  # fmt: skip
+    parts = backbone_and_head(model)
+    if parts is not None:
+        backbone, head = parts
+        hidden = backbone(**inputs).last_hidden_state.flatten(0, 1)[packed.logit_index]  # [N_tok, H]
+    else:  # the full forward's logits at the gathered positions act as the hidden states of an identity head
+        hidden, head = model(**inputs).logits.flatten(0, 1)[packed.logit_index], torch.nn.Identity()  # [N_tok, V]
+    scored = chunked_head_logps(hidden, head, packed.target_ids, temperature, chunk_size=chunk_size,
+                                with_entropy=with_entropy)  # fmt: skip
     sequence_logps = torch.zeros(
-        packed.num_sequences, dtype=token_logps.dtype, device=token_logps.device
-    ).scatter_add(0, packed.sequence_index, token_logps)
+        packed.num_sequences, dtype=scored.logps.dtype, device=scored.logps.device
+    ).scatter_add(0, packed.sequence_index, scored.logps)
     return PackedLogps(
-        token_logps=token_logps,
-        token_entropy=entropy,
+        token_logps=scored.logps,
+        token_entropy=scored.entropy,
         sequence_logps=sequence_logps,
         sequence_lengths=packed.completion_lengths,
     )

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhflab.core.logprobs import sequence_logps
+from rlhflab.core.causal_lm import padded_response_logps
 from rlhflab.core.sampling import sample
 from rlhflab.data.collate import TokenizedExample, collate_sequences, tokenize_prompt
 from rlhflab.errors import InputError
@@ -52,8 +52,9 @@ def _sequence_logps(model: torch.nn.Module, rows: list[TokenizedExample], pad_to
     out = []
     for start in range(0, len(rows), batch_size):
         batch = collate_sequences(rows[start : start + batch_size], pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(sequence_logps(logits, batch["input_ids"], batch["response_mask"], temperature=temperature))
+        scored = padded_response_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                                       temperature)  # the LM head only on response positions, in chunks
+        out.append(scored.sequence_logps())
     return torch.cat(out).float().numpy()
 
 

@@ -177,7 +177,8 @@ def test_every_command_runs_with_lora_and_merges(inputs, tmp_path):
     plain_rm = AutoModelForSequenceClassification.from_pretrained(rm / "model_merged")
     assert reward_model.config.score_pooling == plain_rm.config.score_pooling == "mean"
     with torch.no_grad():
-        assert torch.equal(reward_model(ids).logits, plain_rm(ids).logits)
+        # the same merged weights, loaded two ways (bit-equal in one process, float rounding apart across thread counts)
+        torch.testing.assert_close(reward_model(ids).logits, plain_rm(ids).logits, atol=1e-6, rtol=0)
         assert reward_model.score.weight.abs().sum() > 0
 
 

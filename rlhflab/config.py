@@ -101,7 +101,9 @@ class RunConfig(TaskConfig):
     lora_r: int = opt(0, "LoRA rank (peft); 0: full fine-tuning. With LoRA the reference is the same weights with "
                          "the adapters off, and model/ holds the adapter", minimum=0)
     lora_alpha: int = opt(32, "LoRA α: the update is scaled by α / r (TRL's default 32)", minimum=1)
-    lora_dropout: float = opt(0.05, "dropout on the LoRA branch's input (TRL's default 0.05)", minimum=0.0, maximum=1.0)
+    lora_dropout: float = opt(0.0, "dropout on the LoRA branch's input (peft's default 0; each adapted projection keeps "
+                              "its own dropped copy of its input for the backward: +2.2 GB at 0.05, docs/notes_lora.md)",
+                              minimum=0.0, maximum=1.0)
     lora_target_modules: list[str] = opt(
         [], "module names to adapt; empty: every linear projection of the decoder (q/k/v/o, gate/up/down), "
             "else peft's all-linear (never the LM head)")

@@ -185,7 +185,8 @@ def test_every_command_runs_with_lora_and_merges(inputs, tmp_path):
 def lora_dpo(inputs, out: Path, *extra: str) -> list[str]:
     return ["dpo", "--model", inputs["sft"], "--data", inputs["pairs"], "--batch-size", "4", "--cache-dir",
             inputs["cache"], "--out", str(out), "--seed", "1", "--threads", "1", "--no-progress", "--max-steps", "6",
-            "--checkpoint-every", "2", "--eval-temperatures", "", "--lora-r", "4", "--lora-alpha", "8", *extra]
+            "--checkpoint-every", "2", "--eval-temperatures", "", "--lora-r", "4", "--lora-alpha", "8",
+            "--lora-dropout", "0.05", *extra]  # dropout on: resume must restore the RNG state too
 
 
 class SimulatedKill(BaseException):
@@ -198,7 +199,7 @@ def _kill() -> None:
 
 def test_lora_resume_is_bit_exact(inputs, tmp_path):
     """Killed after step 3 (last checkpoint at 2), resumed: the metrics and the adapter of the uninterrupted run
-    (lora_dropout 0.05 is on, so the RNG state is restored too). Checkpoints hold only the trainable weights."""
+    (with lora_dropout 0.05 on, so the RNG state is restored too). Checkpoints hold only the trainable weights."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert CliRunner().invoke(app, lora_dpo(inputs, straight)).exit_code == 0
     with installed(Faults("kill@3", kill=_kill)), pytest.raises(SimulatedKill):

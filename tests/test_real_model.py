@@ -106,22 +106,37 @@ def test_chatml_turn_ends_alike_when_collated_and_sampled(folder):
     assert "Paris" in decode_completion(tokenizer, completion, stop_token_ids(tokenizer))
 
 
-def test_sft_on_messages_and_exact_resume(cache, tmp_path):
-    args = ["sft", "--data", str(DATA / "chat_sft.jsonl"), "--max-steps", "2", "--batch-size", "2",
-            "--max-prompt-tokens", "64", "--max-completion-tokens", "32", "--checkpoint-every", "1"]
-    straight = rlhflab(cache, tmp_path / "straight", *args)
-    assert {row["step"] for row in straight} == {0, 1} and all(math.isfinite(row.get("loss", 0)) for row in straight)
+LORA = ["--lora-r", "8"]  # adapters on q, k, v, o, gate, up, down (the default targets)
+SFT = ["sft", "--data", str(DATA / "chat_sft.jsonl"), "--max-steps", "2", "--batch-size", "2",
+       "--max-prompt-tokens", "64", "--max-completion-tokens", "32"]
+
+
+def test_sft_on_messages(cache, tmp_path):
+    metrics = rlhflab(cache, tmp_path, *SFT)
+    assert [row["step"] for row in metrics] == [0, 1] and all(math.isfinite(row["loss"]) for row in metrics)
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_sft_with_lora_resumes_exactly(cache, tmp_path):
+    """Killed after step 0 and resumed: the same metrics and the same adapter as the uninterrupted run."""
+    args = [*SFT, *LORA, "--checkpoint-every", "1", "--merge-lora"]
+    rlhflab(cache, tmp_path / "straight", *args)
     rlhflab(cache, tmp_path / "resumed", *args, fault="kill@0")
     rlhflab(cache, tmp_path / "resumed", *args, "--resume")
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    assert (tmp_path / "straight" / "model" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model_merged")  # plain transformers
+    assert sum(p.numel() for p in merged.parameters()) == 134_515_008
 
 
-def test_dpo_on_conversational_pairs_starts_at_ln2(cache, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dpo_on_conversational_pairs_starts_at_ln2(cache, tmp_path, lora):
     metrics = rlhflab(cache, tmp_path, "dpo", "--data", str(DATA / "chat_pairs.jsonl"), "--max-steps", "2",
                       "--batch-size", "2", "--max-prompt-tokens", "64", "--max-completion-tokens", "32",
-                      "--eval-fraction", "0")
+                      "--eval-fraction", "0", *(LORA if lora else []))
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
-    assert math.isfinite(metrics[-1]["loss"]) and (tmp_path / "model" / "model.safetensors").is_file()
+    saved = "adapter_model.safetensors" if lora else "model.safetensors"
+    assert math.isfinite(metrics[-1]["loss"]) and (tmp_path / "model" / saved).is_file()
 
 
 def test_reward_model_on_conversational_pairs(cache, tmp_path):
@@ -130,12 +145,13 @@ def test_reward_model_on_conversational_pairs(cache, tmp_path):
     assert math.isfinite(metrics[0]["loss"])
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
-def test_rl_on_chat_prompts_with_a_reward_function(cache, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, lora", [("grpo", False), ("grpo", True), ("ppo", True)])
+def test_rl_on_chat_prompts_with_a_reward_function(cache, tmp_path, algorithm, lora):
     max_new = 12
     metrics = rlhflab(cache, tmp_path, algorithm, "--data", str(DATA / "chat_prompts.jsonl"),
                       "--reward-fn", f"{DATA / 'chat_reward.py'}:contains_answer", "--max-steps", "1",
-                      "--batch-size", "1", "--group-size", "2", "--max-new-tokens", str(max_new))
+                      "--batch-size", "1", "--group-size", "2", "--max-new-tokens", str(max_new),
+                      *(LORA if lora else []))
     assert math.isfinite(metrics[0]["loss"]) and 0 < metrics[0]["completions/mean_length"] <= max_new
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert config["max_prompt_tokens"] == 512  # a real model's budget when --model is not a built-in task
@@ -143,8 +159,10 @@ def test_rl_on_chat_prompts_with_a_reward_function(cache, tmp_path, algorithm):
 
 def test_eval_on_chat_prompts(cache, tmp_path):
     rlhflab(cache, tmp_path, "eval", "--data", str(DATA / "chat_prompts.jsonl"), "--reference", NAME,
-            "--temperatures", "0.7", "--samples-per-prompt", "2", "--max-new-tokens", "12")
+            "--temperatures", "0.7", "--samples-per-prompt", "2", "--max-new-tokens", "12",
+            "--reward-fn", f"{DATA / 'chat_reward.py'}:contains_answer")
     results = json.loads((tmp_path / "eval.json").read_text())
     aggregate = results["temperatures"]["0.7"]["aggregate"]
     assert aggregate["kl"]["mean"] == pytest.approx(0.0, abs=1e-4)  # the model against itself
     assert 0 < aggregate["length"]["mean"] <= 12
+    assert results["gold"] == "reward function chat_reward.py:contains_answer" and 0 <= aggregate["gold"]["mean"] <= 1

@@ -32,6 +32,7 @@ import torch
 
 from rlhflab.algorithms.reference_cache import ReferenceCache, pair_key, weights_fingerprint
 from rlhflab.config import RunConfig, opt, size_opt
+from rlhflab.core.causal_lm import attention_break_even
 from rlhflab.core.losses import dpo_loss, orpo_loss, simpo_loss
 from rlhflab.core.packing import PackedBatch, packed_forward
 from rlhflab.data.collate import Pair, pack_pairs, pair_groups
@@ -113,6 +114,7 @@ class DPORecipe:
         self.model, self.pairs, self.eval_pairs = model, pairs, eval_pairs or []
         self.cfg, self.pad_token_id, self.updates_per_step = cfg, pad_token_id, 1
         self.sampler = EpochSampler(len(pairs), cfg.seed)
+        self.break_even = attention_break_even(model)  # weighs attention in the row layout (pack_groups)
         self.reference_free = cfg.loss_type in REFERENCE_FREE
         self.keys = [pair_key(c.prompt_ids, c.completion_ids, r.completion_ids) for c, r in pairs]
         self.eval_keys = [pair_key(c.prompt_ids, c.completion_ids, r.completion_ids) for c, r in self.eval_pairs]
@@ -171,7 +173,8 @@ class DPORecipe:
 
     def _batch(self, pairs: list[Pair], keys: list[str]) -> dict[str, Any]:
         """Packed pairs and, unless the loss is reference-free, their reference log-probs."""
-        packed = pack_pairs(pairs, self.cfg.max_row_tokens, self.pad_token_id, trim_final_tokens=True)
+        packed = pack_pairs(pairs, self.cfg.max_row_tokens, self.pad_token_id, trim_final_tokens=True,
+                            attention_break_even=self.break_even)
         batch = {"packed": packed, "num_items": len(pairs)}
         if not self.reference_free:
             batch["ref_chosen"], batch["ref_rejected"] = self.reference_logps(keys, packed)

@@ -51,6 +51,7 @@ from rlhflab.algorithms.rollout import (
 )
 from rlhflab.config import opt
 from rlhflab.core.advantages import group_advantages, group_reward_std, rloo_advantages
+from rlhflab.core.causal_lm import attention_break_even
 from rlhflab.core.kl import kl_k3
 from rlhflab.core.policy_loss import aggregate, clipped_surrogate, masked_mean, sequence_level_logps
 from rlhflab.diagnostics.rl import grpo_monitors
@@ -94,6 +95,7 @@ class GRPORecipe:
         if cfg.group_size < 2:
             raise ValueError("GRPO needs group_size >= 2 (advantages are relative to the group)")
         self.model = policy
+        self.break_even = attention_break_even(policy)  # weighs attention in the row layout (pack_groups)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.reward_fns, self.reward_model, self.reference, self.gold_fn = reward_fns, reward_model, reference, gold_fn
@@ -139,7 +141,7 @@ class GRPORecipe:
         Under torchrun another process trains on some micro-batches: for those, only `num_items` is used
         (to normalise the loss), so their forwards are skipped.
         """
-        packed = pack(rollout, groups, self.tokenizer.pad_token_id, self.cfg.packed_row_tokens)
+        packed = pack(rollout, groups, self.tokenizer.pad_token_id, self.cfg.packed_row_tokens, self.break_even)
         rows = rows_of(groups, rollout.group_size)
         old_logps = ref_logps = None
         if with_forwards and self.cfg.num_iterations > 1:

@@ -51,6 +51,7 @@ from rlhflab.algorithms.rollout import (
 )
 from rlhflab.config import opt
 from rlhflab.core.advantages import gae, whiten
+from rlhflab.core.causal_lm import attention_break_even
 from rlhflab.core.kl import get_kl_estimator
 from rlhflab.core.packing import completion_mask
 from rlhflab.core.policy_loss import aggregate, clipped_surrogate, clipped_value, masked_mean
@@ -109,6 +110,7 @@ class PPORecipe:
         self.policy, self.value_model, self.reference = policy, value_model, reference
         self.model = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # everything the optimizer trains
         self.tokenizer, self.cfg = tokenizer, cfg
+        self.break_even = attention_break_even(policy)  # weighs attention in the row layout (pack_groups)
         self.reward_fns, self.reward_model, self.gold_fn = reward_fns, reward_model, gold_fn
         self.kl_estimator = get_kl_estimator(cfg.kl_estimator)
         self.pool = PromptPool(prompts, tokenizer, cfg.max_prompt_tokens, cfg.seed, prompt_columns)
@@ -156,7 +158,7 @@ class PPORecipe:
         """Packed rows of these prompts' groups and, if this process trains on them, their no-grad forwards:
         old log-probs, reference log-probs, values, each [n, T]. Under torchrun the other processes compute
         the rest, and `_advantages` sums them all into the whole batch."""
-        packed = pack(rollout, groups, self.tokenizer.pad_token_id, self.cfg.packed_row_tokens)
+        packed = pack(rollout, groups, self.tokenizer.pad_token_id, self.cfg.packed_row_tokens, self.break_even)
         mask = completion_mask(packed)  # [n, T]
         mb = {"packed": packed, "rows": rows_of(groups, rollout.group_size), "mask": mask, "num_items": int(mask.sum())}
         if with_forwards:

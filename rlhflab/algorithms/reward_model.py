@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from rlhflab.config import RunConfig, opt, size_opt
+from rlhflab.core.causal_lm import attention_break_even
 from rlhflab.core.losses import bradley_terry_loss
 from rlhflab.core.packing import PackedBatch, mask_for, to_padded
 from rlhflab.data.collate import Pair, pack_pairs, pair_groups
@@ -66,12 +67,14 @@ class RewardModelRecipe:
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         self.sampler = EpochSampler(len(pairs), cfg.seed)
+        self.break_even = attention_break_even(model)  # weighs attention in the row layout (pack_groups)
         self.updates_per_step = 1
         self._checked_mask = False
 
     def plan_step(self, step: int) -> StepPlan:
         chunks = split_micro_batches(self.sampler.take(self.cfg.batch_size), self.cfg.grad_accum)
-        micro_batches = [{"packed": pack_pairs([self.pairs[i] for i in c], self.cfg.max_row_tokens, self.pad_token_id),
+        micro_batches = [{"packed": pack_pairs([self.pairs[i] for i in c], self.cfg.max_row_tokens, self.pad_token_id,
+                                               attention_break_even=self.break_even),
                           "num_items": len(c)} for c in chunks]
         if not self._checked_mask:  # logps.mask_mismatch on the run's first micro-batch
             self._checked_mask = True
@@ -103,7 +106,8 @@ class RewardModelRecipe:
         self.model.eval()
         margins = []
         for start in range(0, len(self.eval_pairs), chunk):
-            packed = pack_pairs(self.eval_pairs[start : start + chunk], self.cfg.max_row_tokens, self.pad_token_id)
+            packed = pack_pairs(self.eval_pairs[start : start + chunk], self.cfg.max_row_tokens, self.pad_token_id,
+                                attention_break_even=self.break_even)
             timing.count_flops(self.model, packed.num_tokens)
             chosen, rejected = pair_scores(self.model, packed)
             margins.append(chosen - rejected)

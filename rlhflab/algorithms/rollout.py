@@ -199,9 +199,12 @@ def score(rollout: Rollout, reward_fns: list[RewardFn] | None, reward_model: tor
     return sum(w * part for w, part in zip(weights, parts.values(), strict=True)), parts
 
 
-def pack(rollout: Rollout, groups: list[int], pad_token_id: int, max_row_tokens: int) -> PackedBatch:
-    """Pack the prompts `groups` with their k completions each; sequence order = rollout row order."""
-    return pack_groups(prompt_groups(rollout, groups), max_row_tokens=max_row_tokens, pad_token_id=pad_token_id)
+def pack(rollout: Rollout, groups: list[int], pad_token_id: int, max_row_tokens: int,
+         attention_break_even: int | None = None) -> PackedBatch:
+    """Pack the prompts `groups` with their k completions each; sequence order = rollout row order.
+    `attention_break_even`: the model's L0, to weigh attention in the row layout (`pack_groups`)."""
+    return pack_groups(prompt_groups(rollout, groups), max_row_tokens=max_row_tokens, pad_token_id=pad_token_id,
+                       attention_break_even=attention_break_even)
 
 
 def prompt_groups(rollout: Rollout, groups: list[int]) -> list[tuple[list[int], list[list[int]]]]:

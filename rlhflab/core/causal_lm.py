@@ -32,6 +32,41 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return model.model, model.lm_head
 
 
+def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(N, N_trainable): the parameters a token's forward multiplies by, each counted once (a tied embedding
+    is the output layer's weight); an embedding table used only for lookup costs no FLOPs and is left out."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    lookup = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - linear
+    total = trainable = 0
+    for p in model.parameters():  # unique parameters: shared ones appear once
+        if id(p) not in lookup:
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    return total, trainable
+
+
+def attention_break_even(model: torch.nn.Module) -> int | None:
+    """L0 = N_slot / (2 · layers · hidden): the row length at which a token's attention costs as much as its
+    weight matmuls; None when the model's config does not name its layers and width.
+
+    Per token, the weight matmuls cost 6·N_slot FLOPs (forward + backward) and attention over a row of L
+    tokens 12·layers·hidden·L (forward QKᵀ and AV, 2·hidden·L each per layer, three times that with the
+    backward; PaLM appendix B), so a token costs 6·N_slot·(1 + L / L0). N_slot counts the weights every row
+    slot passes through (`matmul_params`): for HEAD_ONLY_WHERE_NEEDED models the LM head runs only on the
+    gathered completion tokens, whatever the layout, so its weight is left out. SmolLM2-135M: N_slot =
+    106.2M (30 layers of 3.54M), hidden 576, L0 = 3,073 (3,892 with the 28.3M tied head counted).
+    """
+    config = getattr(model, "config", None)
+    layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(hidden, int) or layers <= 0 or hidden <= 0:
+        return None
+    n_slot = matmul_params(model)[0]
+    parts = backbone_and_head(model)
+    if parts is not None:
+        n_slot -= sum(p.numel() for p in parts[1].parameters())
+    return max(1, round(n_slot / (2 * layers * hidden)))
+
+
 @dataclass
 class ResponseLogps:
     """Per-token results of `padded_response_logps`, in the label frame of `token_logps` ([B, T - 1])."""

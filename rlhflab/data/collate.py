@@ -324,14 +324,16 @@ def collate_sequences(
     }
 
 
-def pack_pairs(pairs: Sequence[Pair], max_row_tokens: int, pad_token_id: int, trim_final_tokens: bool = False
-               ) -> PackedBatch:
+def pack_pairs(pairs: Sequence[Pair], max_row_tokens: int, pad_token_id: int, trim_final_tokens: bool = False,
+               attention_break_even: int | None = None) -> PackedBatch:
     """Pair i becomes group i = (prompt, [chosen, rejected]): packed sequences 2i (chosen) and 2i + 1 (rejected).
 
     The prompt is laid out once per pair (core/packing.py). `trim_final_tokens`: leave out each response's
     last token, a target and never an input (for log-probs; a reward model scores that token, so keeps it).
+    `attention_break_even`: the model's L0, to weigh attention in the row layout (`pack_groups`).
     """
-    return pack_groups(pair_groups(pairs), max_row_tokens, pad_token_id, trim_final_tokens=trim_final_tokens)
+    return pack_groups(pair_groups(pairs), max_row_tokens, pad_token_id, trim_final_tokens=trim_final_tokens,
+                       attention_break_even=attention_break_even)
 
 
 def pair_groups(pairs: Sequence[Pair]) -> list[tuple[list[int], list[list[int]]]]:

@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from rlhflab.core.causal_lm import matmul_params
+
 # bf16 dense tensor-core peaks in TFLOP/s (vendor data sheets), matched against torch.cuda.get_device_name in
 # this order: the first fragment the name contains wins. MFU is reported against the bf16 peak, also for fp32
 # runs (as verl does): the fraction of what the device could do.
@@ -139,19 +141,6 @@ def count_flops(model: torch.nn.Module, tokens: int, backward: bool = False) -> 
     """Count a forward of `model` over `tokens` real tokens (and its backward) into the current step."""
     if _current is not None and tokens:
         _current.flops += flops_per_token(model, backward) * tokens
-
-
-def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(N, N_trainable): the parameters a token's forward multiplies by, each counted once (a tied embedding
-    is the output layer's weight); an embedding table used only for lookup costs no FLOPs and is left out."""
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    lookup = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - linear
-    total = trainable = 0
-    for p in model.parameters():  # unique parameters: shared ones appear once
-        if id(p) not in lookup:
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-    return total, trainable
 
 
 def flops_per_token(model: torch.nn.Module, backward: bool = False) -> float:

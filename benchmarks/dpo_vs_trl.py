@@ -12,7 +12,8 @@ runs each side as its own command, one after the other, with OMP_NUM_THREADS=1:
 
 Sides (--sides): rlhflab, rlhflab-bf16, trl, trl-fp32, trl-precompute; a `-lora` suffix on any of the first
 four trains LoRA adapters on both sides (rlhflab's --lora-* flags, peft's LoraConfig for TRL, the same r, alpha,
-dropout and targets: grpo_vs_trl.LORA; the reference is the base with adapters off on both). `floor` and
+dropout and targets: grpo_vs_trl.LORA; the reference is the base with adapters off on both), and a `-gc` suffix
+(last) turns on gradient checkpointing on both (rlhflab's --gradient-checkpointing, TRL's gradient_checkpointing). `floor` and
 `floor-bf16` time nothing but the step's matmuls (`floor_side`). TRL's default is bf16=True:
 on a CPU with bf16 instructions (avx512_bf16 / AMX) accelerate runs every forward under bf16
 autocast, so `trl` is compared with `rlhflab-bf16` and `trl-fp32` (bf16=False) with `rlhflab`.
@@ -154,8 +155,8 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, float, float, int]:
     return time.perf_counter() - started, cpu, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
 
-def run_rlhflab(model: Path, data: Path, out: Path, args: argparse.Namespace, precision: str, lora: bool
-                ) -> dict[str, float]:  # fmt: skip
+def run_rlhflab(model: Path, data: Path, out: Path, args: argparse.Namespace, precision: str, lora: bool,
+                checkpointing: bool = False) -> dict[str, float]:  # fmt: skip
     cmd = [sys.executable, __file__, "--rlhflab-child", "dpo", "--model", str(model),
            "--data", str(data), "--out", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--threads", "1", "--eval-fraction", "0", "--no-progress",
@@ -165,6 +166,7 @@ def run_rlhflab(model: Path, data: Path, out: Path, args: argparse.Namespace, pr
     if lora:
         cmd += ["--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]), "--lora-dropout", str(LORA["dropout"]),
                 "--lora-target-modules", ",".join(LORA["target_modules"])]  # fmt: skip
+    cmd += ["--gradient-checkpointing"] if checkpointing else []
     wall, cpu, rss, code = run_child(cmd, out.with_suffix(".log"))
     if code != 0:
         raise SystemExit(f"{out.name} failed:\n{out.with_suffix('.log').read_text()[-3000:]}")
@@ -193,12 +195,13 @@ def rlhflab_child(cli_args: list[str]) -> None:
     app(cli_args, standalone_mode=False)
 
 
-def run_trl(model: Path, data: Path, out: Path, args: argparse.Namespace, precompute: bool, bf16: bool, lora: bool
-            ) -> dict[str, float]:  # fmt: skip
+def run_trl(model: Path, data: Path, out: Path, args: argparse.Namespace, precompute: bool, bf16: bool, lora: bool,
+            checkpointing: bool = False) -> dict[str, float]:  # fmt: skip
     cmd = [sys.executable, __file__, "--trl-child", "--model", str(model), "--data", str(data), "--out", str(out),
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
            "--max-prompt-tokens", str(args.max_prompt_tokens), "--max-completion-tokens", str(args.max_completion_tokens)]  # fmt: skip
     cmd += (["--trl-precompute"] if precompute else []) + ([] if bf16 else ["--trl-fp32"]) + (["--lora"] if lora else [])
+    cmd += ["--gradient-checkpointing"] if checkpointing else []
     wall, cpu, rss, code = run_child(cmd, out.with_suffix(".log"))
     result = json.loads((out / "trl_result.json").read_text()) if code == 0 else {"loop_cpu": float("nan")}
     return {**result, "wall": wall, "cpu": cpu, "rss": rss, "exit": code}
@@ -221,7 +224,7 @@ def trl_child(args: argparse.Namespace) -> None:
         learning_rate=args.lr, max_length=args.max_prompt_tokens + args.max_completion_tokens, logging_steps=1,
         report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
         precompute_ref_log_probs=args.trl_precompute, lr_scheduler_type="cosine", disable_tqdm=True, seed=0,
-        bf16=not args.trl_fp32,
+        bf16=not args.trl_fp32, gradient_checkpointing=args.gradient_checkpointing,
     )  # fmt: skip
     peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM") if args.lora else None
@@ -266,9 +269,11 @@ def floor_side(model: Path, stats: dict[str, float], args: argparse.Namespace, p
 
 def same_precision(name: str) -> str:
     """The rlhflab side a side is compared with: the same precision and the same LoRA setting."""
+    gc = "-gc" if name.endswith("-gc") else ""
+    name = name.removesuffix("-gc")
     lora = "-lora" if name.endswith("-lora") else ""
     bf16 = name.removesuffix("-lora") in ("trl", "rlhflab-bf16", "floor-bf16")
-    return "rlhflab" + ("-bf16" if bf16 else "") + lora
+    return "rlhflab" + ("-bf16" if bf16 else "") + lora + gc
 
 
 def shown(value: float, spec: str) -> str:
@@ -299,14 +304,16 @@ def table(results: dict[str, dict[str, float]], stats: dict[str, float], args: a
 
 def run_side(side: str, model: Path, data: Path, stats: dict[str, float], root: Path, args: argparse.Namespace
              ) -> dict[str, float]:  # fmt: skip
-    lora, base = side.endswith("-lora"), side.removesuffix("-lora")
+    checkpointing, side_kind = side.endswith("-gc"), side.removesuffix("-gc")
+    lora, base = side_kind.endswith("-lora"), side_kind.removesuffix("-lora")
     if base.startswith("floor"):
         return floor_side(model, stats, args, "bf16" if base.endswith("bf16") else "fp32")
     out = root / f"{side}-{Path(args.model).name if args.model else args.size}"
     shutil.rmtree(out, ignore_errors=True)  # a cold start: no reference log-probs cached by an earlier run
     if base.startswith("rlhflab"):
-        return run_rlhflab(model, data, out, args, "bf16" if base.endswith("bf16") else "fp32", lora)
-    return run_trl(model, data, out, args, precompute=base == "trl-precompute", bf16=base != "trl-fp32", lora=lora)
+        return run_rlhflab(model, data, out, args, "bf16" if base.endswith("bf16") else "fp32", lora, checkpointing)
+    return run_trl(model, data, out, args, precompute=base == "trl-precompute", bf16=base != "trl-fp32", lora=lora,
+                   checkpointing=checkpointing)
 
 
 def main() -> None:
@@ -327,6 +334,7 @@ def main() -> None:
     parser.add_argument("--trl-precompute", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trl-fp32", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     if sys.argv[1:2] == ["--rlhflab-child"]:
         return rlhflab_child(sys.argv[2:])

